@@ -1,0 +1,304 @@
+//! VM backends for kiln.
+//!
+//! A backend implements [`VmProvider`]: it allocates a [`Vm`] for a [`VmSpec`] and releases it.
+//! A [`Vm`] runs commands (streaming their output as it is produced), copies files in and out and
+//! kills what it started. Backends know nothing about workflows; the runner drives them.
+//!
+//! Backends:
+//! - [`local`]: no isolation at all; a private directory and a process group per command. It is
+//!   the development backend, and says so loudly whenever it is chosen.
+//! - `qemu`: a real microVM per session (KVM where it works, TCG elsewhere), driven through the
+//!   guest agent (see [`guest`]).
+//!
+//! [`select_backend`] is the one factory: it picks a backend for `auto|local|qemu|firecracker`
+//! and reports why.
+//!
+//! # Guest paths
+//! Paths inside a VM are plain strings (the guest is always Linux). [`Vm::work_root`] is a
+//! directory in the guest that belongs to the runner; everything the runner lays out for a
+//! session (workspace, temp files, file-command files) lives under it.
+//!
+//! # Cancellation
+//! Dropping the future returned by [`Vm::exec`] kills the command's whole process group. Releasing
+//! a VM kills everything it still runs. Both are guaranteed even when the caller panics.
+
+#![warn(missing_docs)]
+
+mod factory;
+pub mod guest;
+pub mod local;
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use factory::{BackendConfig, BackendKind, Selection, select_backend};
+
+/// What a session asks of a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    /// The VM type (a `[vm_types.NAME]` entry), e.g. `default`.
+    pub vm_type: String,
+    /// The guest image name, e.g. `default`.
+    pub image: String,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Size of the writable disk layer in MiB.
+    pub disk_mib: u32,
+}
+
+impl Default for VmSpec {
+    fn default() -> Self {
+        VmSpec {
+            vm_type: "default".to_owned(),
+            image: "default".to_owned(),
+            vcpus: 2,
+            memory_mib: 2048,
+            disk_mib: 8192,
+        }
+    }
+}
+
+/// A VM handed out by [`VmProvider::allocate`], with the time the allocation took.
+pub struct Allocation {
+    /// The VM. It stays alive until released (or dropped, which releases it best-effort).
+    pub vm: Arc<dyn Vm>,
+    /// Wall time from the request to a VM ready to run commands.
+    pub elapsed: Duration,
+}
+
+impl fmt::Debug for Allocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Allocation")
+            .field("vm", &self.vm.id())
+            .field("elapsed", &self.elapsed)
+            .finish()
+    }
+}
+
+/// A VM backend.
+#[async_trait]
+pub trait VmProvider: Send + Sync + 'static {
+    /// The backend's name as the CLI spells it: `local`, `qemu`, `firecracker`.
+    fn name(&self) -> &'static str;
+
+    /// Whether the VMs of this backend isolate the host from the workload.
+    fn isolates(&self) -> bool;
+
+    /// Allocates a fresh VM ready to run commands.
+    async fn allocate(&self, spec: &VmSpec) -> Result<Allocation, VmError>;
+
+    /// Releases a VM: kills everything it runs and removes everything it owns on the host.
+    /// Releasing twice is not an error.
+    async fn release(&self, vm: &dyn Vm) -> Result<(), VmError> {
+        vm.release().await
+    }
+}
+
+/// One allocated VM.
+#[async_trait]
+pub trait Vm: Send + Sync + fmt::Debug + 'static {
+    /// A short unique id, e.g. `local-3f2a9c1d` or `qemu-3f2a9c1d`.
+    fn id(&self) -> &str;
+
+    /// The backend's name.
+    fn backend(&self) -> &'static str;
+
+    /// A directory in the guest that belongs to the runner.
+    fn work_root(&self) -> &str;
+
+    /// Runs a command and waits for it, sending its output to `output` as it is produced.
+    ///
+    /// A timeout kills the command's whole process group and returns
+    /// [`ExitStatus::TimedOut`]. Dropping the returned future kills the process group too.
+    async fn exec(&self, request: ExecRequest, output: OutputSink) -> Result<ExecOutcome, VmError>;
+
+    /// Kills every process that commands of this VM started and that is still running.
+    async fn kill_all(&self) -> Result<(), VmError>;
+
+    /// Copies a host file or directory (recursively) to `guest` in the VM.
+    async fn copy_in(&self, host: &Path, guest: &str) -> Result<(), VmError>;
+
+    /// Copies a guest file or directory (recursively) from the VM to `host`.
+    async fn copy_out(&self, guest: &str, host: &Path) -> Result<(), VmError>;
+
+    /// Writes a whole file in the guest, creating its parent directories.
+    async fn write_file(&self, guest: &str, contents: &[u8]) -> Result<(), VmError>;
+
+    /// Reads a whole file from the guest.
+    async fn read_file(&self, guest: &str) -> Result<Vec<u8>, VmError>;
+
+    /// Kills everything and frees every host resource of the VM. Idempotent.
+    async fn release(&self) -> Result<(), VmError>;
+}
+
+/// A command to run in a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecRequest {
+    /// What to run.
+    pub command: Command,
+    /// Variables set on top of the VM's base environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory in the guest; [`Vm::work_root`] when `None`.
+    pub cwd: Option<String>,
+    /// Kill the command (its whole process group) after this long.
+    pub timeout: Option<Duration>,
+}
+
+/// What an [`ExecRequest`] runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// A program and its arguments. The program is looked up in `PATH`.
+    Argv(Vec<String>),
+    /// A script written to a fresh file in the guest, run with `shell`.
+    ///
+    /// Every `{0}` in `shell` is replaced by the script's path; when there is none, the path is
+    /// appended. `extension` (e.g. `.sh`, `.py`) is the script file's suffix.
+    Script {
+        /// The interpreter's argv, e.g. `["bash", "--noprofile", "--norc", "-eo", "pipefail", "{0}"]`.
+        shell: Vec<String>,
+        /// The script's text.
+        script: String,
+        /// Suffix of the script file.
+        extension: String,
+    },
+}
+
+impl Command {
+    /// The argv to run for a script at `path`: `{0}` replaced, or the path appended.
+    pub fn script_argv(shell: &[String], path: &str) -> Vec<String> {
+        if shell.iter().any(|a| a.contains("{0}")) {
+            shell.iter().map(|a| a.replace("{0}", path)).collect()
+        } else {
+            let mut argv = shell.to_vec();
+            argv.push(path.to_owned());
+            argv
+        }
+    }
+}
+
+/// Which output stream a chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// A piece of a command's output, in the order it was read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    /// Which stream.
+    pub stream: Stream,
+    /// The bytes, not necessarily whole lines.
+    pub data: Bytes,
+}
+
+/// Where [`Vm::exec`] sends output. A closed receiver is not an error: output is then dropped.
+pub type OutputSink = tokio::sync::mpsc::UnboundedSender<Output>;
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Exited(i32),
+    /// A signal killed it.
+    Signaled(i32),
+    /// Its timeout expired and kiln killed it.
+    TimedOut,
+}
+
+impl ExitStatus {
+    /// Exit code 0.
+    pub fn success(self) -> bool {
+        self == ExitStatus::Exited(0)
+    }
+
+    /// The exit code, if it exited.
+    pub fn code(self) -> Option<i32> {
+        match self {
+            ExitStatus::Exited(code) => Some(code),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitStatus::Exited(code) => write!(f, "exit code {code}"),
+            ExitStatus::Signaled(signal) => write!(f, "killed by signal {signal}"),
+            ExitStatus::TimedOut => f.write_str("timed out"),
+        }
+    }
+}
+
+/// The result of [`Vm::exec`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecOutcome {
+    /// How the command ended.
+    pub status: ExitStatus,
+    /// How long it ran.
+    pub duration: Duration,
+}
+
+/// Errors of VM backends.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The backend cannot be used on this host.
+    #[error("The {backend} backend is unavailable: {reason}")]
+    Unavailable {
+        /// Backend name.
+        backend: &'static str,
+        /// Why, in words a user can act on.
+        reason: String,
+    },
+    /// The VM did not come up.
+    #[error("VM {vm} failed to start: {reason}")]
+    Boot {
+        /// VM id.
+        vm: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The VM was already released.
+    #[error("VM {vm} is released")]
+    Released {
+        /// VM id.
+        vm: String,
+    },
+    /// A host-side I/O operation failed.
+    #[error("{op} for VM {vm} failed")]
+    Io {
+        /// VM id.
+        vm: String,
+        /// What was being done, e.g. `copying /src into the VM`.
+        op: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guest agent reported an error or broke the protocol.
+    #[error("Guest agent of VM {vm}: {message}")]
+    Guest {
+        /// VM id.
+        vm: String,
+        /// The agent's message.
+        message: String,
+    },
+    /// The backend does not implement this yet.
+    #[error("{what} is not supported by the {backend} backend yet")]
+    Unsupported {
+        /// Backend name.
+        backend: &'static str,
+        /// The operation.
+        what: String,
+    },
+}
