@@ -1,0 +1,3 @@
+//! Integration tests of kiln-runner.
+
+mod session;
