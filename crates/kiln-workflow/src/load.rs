@@ -77,8 +77,12 @@ pub fn parse_workflow(file: &str, text: &str) -> Result<Workflow, WorkflowError>
     let mut loader = Loader {
         file: Arc::from(file),
         diagnostics: Vec::new(),
+        warnings: Vec::new(),
     };
-    let workflow = loader.workflow(&root);
+    let mut workflow = loader.workflow(&root);
+    if let Some(wf) = &mut workflow {
+        wf.warnings = std::mem::take(&mut loader.warnings);
+    }
     if let Some(wf) = &workflow {
         for e in crate::graph::check(wf) {
             loader.diagnostics.push(e.into_diagnostic());
@@ -119,6 +123,7 @@ const JOB_KEYS: &[&str] = &[
     "continue-on-error",
     "container",
     "services",
+    "snapshot",
     "uses",
     "with",
     "secrets",
@@ -135,6 +140,7 @@ const NOT_IN_CALL_JOB: &[&str] = &[
     "continue-on-error",
     "container",
     "services",
+    "snapshot",
 ];
 const STEP_KEYS: &[&str] = &[
     "id",
@@ -148,8 +154,25 @@ const STEP_KEYS: &[&str] = &[
     "continue-on-error",
     "timeout-minutes",
     "working-directory",
+    "background",
+    "wait",
+    "wait-all",
+    "cancel",
+    "parallel",
 ];
+/// The keys that say what a step does; a step has exactly one.
+const ACTION_KEYS: &[&str] = &["run", "uses", "wait", "wait-all", "cancel", "parallel"];
 const CONTAINER_KEYS: &[&str] = &["image", "credentials", "env", "ports", "volumes", "options"];
+const SERVICE_KEYS: &[&str] = &[
+    "image",
+    "credentials",
+    "env",
+    "ports",
+    "volumes",
+    "options",
+    "entrypoint",
+    "command",
+];
 const PERMISSION_SCOPES: &[&str] = &[
     "actions",
     "artifact-metadata",
@@ -214,11 +237,20 @@ type Entries = [(Spanned<String>, Node)];
 struct Loader {
     file: Arc<str>,
     diagnostics: Vec<Diagnostic>,
+    warnings: Vec<Diagnostic>,
 }
 
 impl Loader {
     fn error(&mut self, span: &Span, message: impl Into<String>) {
         self.diagnostics.push(Diagnostic {
+            span: span.clone(),
+            message: message.into(),
+            help: None,
+        });
+    }
+
+    fn warning(&mut self, span: &Span, message: impl Into<String>) {
+        self.warnings.push(Diagnostic {
             span: span.clone(),
             message: message.into(),
             help: None,
@@ -292,6 +324,16 @@ impl Loader {
         if s.value.contains("${{") {
             self.error(&s.span, format!("Expressions are not allowed in `{what}`"));
             return None;
+        }
+        Some(s)
+    }
+
+    /// `shell:`: a name or a custom command (`bash -e {0}`); an expression is checked here and
+    /// evaluated by the runner.
+    fn shell(&mut self, node: &Node) -> Option<Spanned<String>> {
+        let s = self.string(node, "shell")?;
+        if s.value.contains("${{") {
+            self.template_str(&s.value, &s.span, "shell")?;
         }
         Some(s)
     }
@@ -387,10 +429,19 @@ impl Loader {
         out
     }
 
-    /// `env:`, which may also be a single expression (`env: ${{ fromJSON(...) }}`) at job level;
-    /// kiln supports the mapping form.
+    /// `env:` as a mapping.
     fn env(&mut self, node: &Node, what: &str) -> Env {
         self.template_map(node, what)
+    }
+
+    /// `env:` of a job or step: a mapping, or one expression producing an object.
+    fn env_or_expr(&mut self, node: &Node, what: &str) -> (Env, Option<Template>) {
+        match &node.kind {
+            NodeKind::String { value, .. } if value.contains("${{") => {
+                (Env::new(), self.template_str(value, &node.span, what))
+            }
+            _ => (self.env(node, what), None),
+        }
     }
 
     /// A string or a sequence of strings.
@@ -433,6 +484,7 @@ impl Loader {
             permissions: None,
             concurrency: None,
             jobs: IndexMap::new(),
+            warnings: Vec::new(),
         };
         let mut saw_on = false;
         let mut saw_jobs = false;
@@ -519,7 +571,7 @@ impl Loader {
             let mut run_defaults = RunDefaults::default();
             for (key, value) in entries {
                 match key.value.as_str() {
-                    "shell" => run_defaults.shell = self.plain_string(value, "shell"),
+                    "shell" => run_defaults.shell = self.shell(value),
                     "working-directory" => {
                         run_defaults.working_directory = self.template(value, "working-directory");
                     }
@@ -676,6 +728,8 @@ impl Loader {
             "workflow_dispatch" => &["inputs"],
             "workflow_call" => &["inputs", "outputs", "secrets"],
             "workflow_run" => &["workflows", "types", "branches", "branches-ignore"],
+            "merge_group" => &["types", "branches", "branches-ignore"],
+            "image_version" => &["names", "versions"],
             _ => &["types"],
         };
         self.check_keys(entries, allowed, &format!("`on.{event}`"));
@@ -684,6 +738,8 @@ impl Loader {
             match k.value.as_str() {
                 "types" => out.types = Some(self.string_list(v, &what)),
                 "workflows" => out.workflows = Some(self.string_list(v, &what)),
+                "names" => out.names = Some(self.string_list(v, &what)),
+                "versions" => out.versions = Some(self.string_list(v, &what)),
                 "branches" => out.branches = self.patterns(v, &what),
                 "branches-ignore" => out.branches_ignore = self.patterns(v, &what),
                 "tags" => out.tags = self.patterns(v, &what),
@@ -858,12 +914,11 @@ impl Loader {
                             "environment" if dispatch => InputType::Environment,
                             other => {
                                 let list = types.join("`, `");
-                                self.error_help(
+                                self.warning(
                                     &t.span,
-                                    format!("Invalid input type `{other}`"),
-                                    format!("expected one of `{list}`"),
+                                    format!("Unknown input type `{other}` (expected one of `{list}`); treated as `string`"),
                                 );
-                                continue;
+                                InputType::String
                             }
                         };
                     }
@@ -1050,6 +1105,8 @@ impl Loader {
             environment: None,
             concurrency: None,
             permissions: None,
+            env_expr: None,
+            snapshot: None,
         };
         let is_call = entries.iter().any(|(k, _)| k.value == "uses");
         let mut saw_steps = false;
@@ -1084,7 +1141,7 @@ impl Loader {
                 }
                 "if" => job.if_cond = self.condition(value, "if"),
                 "runs-on" => job.runs_on = self.runs_on(value),
-                "env" => job.env = self.env(value, "env"),
+                "env" => (job.env, job.env_expr) = self.env_or_expr(value, "env"),
                 "defaults" => job.defaults = self.defaults(value, "defaults"),
                 "timeout-minutes" => {
                     job.timeout_minutes = self.number_or_expr(value, "timeout-minutes")
@@ -1098,7 +1155,19 @@ impl Loader {
                     saw_steps = true;
                     job.steps = self.steps(value, &id.value);
                 }
-                "uses" => job.uses = self.plain_string(value, "uses"),
+                "uses" => {
+                    job.uses = self.string(value, "uses");
+                    if let Some(u) = &job.uses
+                        && u.value.contains("${{")
+                    {
+                        let span = u.span.clone();
+                        self.warning(
+                            &span,
+                            "GitHub does not evaluate expressions in a job's `uses`",
+                        );
+                    }
+                }
+                "snapshot" => job.snapshot = self.snapshot(value),
                 "with" => job.with = self.template_map(value, "with"),
                 "secrets" => job.secrets = self.job_secrets(value),
                 "container" => job.container = self.container(value, "container"),
@@ -1179,19 +1248,26 @@ impl Loader {
     }
 
     fn container(&mut self, node: &Node, what: &str) -> Option<Spanned<serde_json::Value>> {
+        let service = what.starts_with("services.");
         match &node.kind {
+            NodeKind::Null if !service => return None,
             NodeKind::String { .. } => {}
             NodeKind::Map(entries) => {
-                self.check_keys(entries, CONTAINER_KEYS, &format!("`{what}`"));
+                let allowed = if service {
+                    SERVICE_KEYS
+                } else {
+                    CONTAINER_KEYS
+                };
+                self.check_keys(entries, allowed, &format!("`{what}`"));
                 if !entries.iter().any(|(k, _)| k.value == "image") {
                     self.error(&node.span, format!("`{what}` is missing `image`"));
                 }
                 for (k, v) in entries {
                     match k.value.as_str() {
                         "env" => {
-                            self.env(v, &format!("{what}.env"));
+                            self.env_or_expr(v, &format!("{what}.env"));
                         }
-                        "credentials" => {
+                        "credentials" if !is_expr(v) => {
                             if let Some(c) = self.map(v, &format!("{what}.credentials")) {
                                 self.check_keys(
                                     c,
@@ -1200,10 +1276,10 @@ impl Loader {
                                 );
                             }
                         }
-                        "ports" | "volumes" => {
-                            if !matches!(v.kind, NodeKind::Seq(_)) {
-                                self.wrong_type(v, &format!("{what}.{}", k.value), "a sequence");
-                            }
+                        "ports" | "volumes"
+                            if !matches!(v.kind, NodeKind::Seq(_)) && !is_expr(v) =>
+                        {
+                            self.wrong_type(v, &format!("{what}.{}", k.value), "a sequence");
                         }
                         _ => {}
                     }
@@ -1219,16 +1295,44 @@ impl Loader {
     }
 
     fn services(&mut self, node: &Node) -> Option<Spanned<serde_json::Value>> {
+        if is_expr(node) {
+            self.check_json_templates(node, "services");
+            return Some(Self::spanned_json(node));
+        }
         let entries = self.map(node, "services")?;
         for (name, value) in entries {
             if !valid_id(&name.value) {
                 self.error(&name.span, format!("Invalid service id `{}`", name.value));
+            }
+            if is_expr(value) {
+                self.check_json_templates(value, "services");
+                continue;
             }
             if !matches!(value.kind, NodeKind::Map(_)) {
                 self.wrong_type(value, &format!("services.{}", name.value), "a mapping");
                 continue;
             }
             self.container(value, &format!("services.{}", name.value));
+        }
+        Some(Self::spanned_json(node))
+    }
+
+    fn snapshot(&mut self, node: &Node) -> Option<Spanned<serde_json::Value>> {
+        match &node.kind {
+            NodeKind::String { .. } => {}
+            NodeKind::Map(entries) => {
+                self.check_keys(entries, &["image-name", "version", "if"], "`snapshot`");
+                if !entries.iter().any(|(k, _)| k.value == "image-name") {
+                    self.error(&node.span, "`snapshot` is missing `image-name`");
+                }
+                if let Some((_, cond)) = entries.iter().find(|(k, _)| k.value == "if") {
+                    self.condition(cond, "snapshot.if");
+                }
+            }
+            _ => {
+                self.wrong_type(node, "snapshot", "an image name or a mapping");
+                return None;
+            }
         }
         Some(Self::spanned_json(node))
     }
@@ -1295,13 +1399,13 @@ impl Loader {
         let mut exprs = IndexMap::new();
         for (k, v) in entries {
             let what = format!("strategy.matrix.{}", k.value);
-            if let NodeKind::String { value, .. } = &v.kind {
-                if value.contains("${{") {
-                    if let Some(t) = self.template_str(value, &v.span, &what) {
-                        exprs.insert(k.value.clone(), t);
-                    }
-                    continue;
+            if let NodeKind::String { value, .. } = &v.kind
+                && value.contains("${{")
+            {
+                if let Some(t) = self.template_str(value, &v.span, &what) {
+                    exprs.insert(k.value.clone(), t);
                 }
+                continue;
             }
             self.check_json_templates(v, &what);
             match k.value.as_str() {
@@ -1357,38 +1461,61 @@ impl Loader {
     // ---- steps -------------------------------------------------------------------------
 
     fn steps(&mut self, node: &Node, job: &str) -> Vec<Step> {
-        let mut out = Vec::new();
         let NodeKind::Seq(items) = &node.kind else {
             self.wrong_type(node, "steps", "a list of steps");
-            return out;
+            return Vec::new();
         };
         if items.is_empty() {
             self.error(&node.span, format!("Job `{job}` has no steps"));
         }
         let mut ids: HashMap<String, Span> = HashMap::new();
+        self.step_list(items, job, &mut ids, false)
+    }
+
+    /// Steps of a job or of a `parallel` group; `ids` collects step ids across the whole job.
+    fn step_list(
+        &mut self,
+        items: &[Node],
+        job: &str,
+        ids: &mut HashMap<String, Span>,
+        in_group: bool,
+    ) -> Vec<Step> {
+        let mut out = Vec::new();
         for (index, item) in items.iter().enumerate() {
-            if let Some(step) = self.step(index, item, job) {
-                if let Some(id) = &step.id {
-                    if let Some(first) = ids.get(&id.value) {
-                        self.error(
-                            &id.span,
-                            format!(
-                                "Duplicate step id `{}` in job `{job}` (first defined at {first})",
-                                id.value
-                            ),
-                        );
-                    } else {
-                        ids.insert(id.value.clone(), id.span.clone());
-                    }
+            let Some(step) = self.step(index, item, job, ids, in_group) else {
+                continue;
+            };
+            if let Some(id) = &step.id {
+                if let Some(first) = ids.get(&id.value) {
+                    self.error(
+                        &id.span,
+                        format!(
+                            "Duplicate step id `{}` in job `{job}` (first defined at {first})",
+                            id.value
+                        ),
+                    );
+                } else {
+                    ids.insert(id.value.clone(), id.span.clone());
                 }
-                out.push(step);
             }
+            out.push(step);
         }
         out
     }
 
-    fn step(&mut self, index: usize, node: &Node, job: &str) -> Option<Step> {
-        let context = format!("step {} of job `{job}`", index + 1);
+    fn step(
+        &mut self,
+        index: usize,
+        node: &Node,
+        job: &str,
+        ids: &mut HashMap<String, Span>,
+        in_group: bool,
+    ) -> Option<Step> {
+        let context = if in_group {
+            format!("parallel step {} of job `{job}`", index + 1)
+        } else {
+            format!("step {} of job `{job}`", index + 1)
+        };
         let entries = self.map(node, &format!("jobs.{job}.steps[{index}]"))?;
         self.check_keys(entries, STEP_KEYS, &context);
         let get = |name: &str| entries.iter().find(|(k, _)| k.value == name);
@@ -1396,8 +1523,10 @@ impl Loader {
         let mut name = None;
         let mut if_cond = None;
         let mut env = Env::new();
+        let mut env_expr = None;
         let mut continue_on_error = BoolOrExpr::Bool(false);
         let mut timeout_minutes = None;
+        let mut background = false;
         for (k, v) in entries {
             match k.value.as_str() {
                 "id" => {
@@ -1417,23 +1546,22 @@ impl Loader {
                 }
                 "name" => name = self.template(v, "name"),
                 "if" => if_cond = self.condition(v, "if"),
-                "env" => env = self.env(v, "env"),
+                "env" => (env, env_expr) = self.env_or_expr(v, "env"),
                 "continue-on-error" => {
-                    continue_on_error = self.bool_or_expr(v, "continue-on-error")
+                    continue_on_error = self.bool_or_expr(v, "continue-on-error");
                 }
                 "timeout-minutes" => timeout_minutes = self.number_or_expr(v, "timeout-minutes"),
+                "background" => background = self.bool(v, "background").unwrap_or(false),
                 _ => {}
             }
         }
-        let action = match (get("run"), get("uses")) {
-            (Some(_), Some((uses_key, _))) => {
-                self.error(
-                    &uses_key.span,
-                    format!("A step cannot have both `run` and `uses` ({context})"),
-                );
-                return None;
-            }
-            (None, None) => {
+        let kinds: Vec<&Spanned<String>> = entries
+            .iter()
+            .map(|(k, _)| k)
+            .filter(|k| ACTION_KEYS.contains(&k.value.as_str()))
+            .collect();
+        let kind = match kinds.as_slice() {
+            [] => {
                 self.error_help(
                     &node.span,
                     format!("A step must have either `run` or `uses` ({context})"),
@@ -1441,12 +1569,53 @@ impl Loader {
                 );
                 return None;
             }
-            (Some((_, run)), None) => {
-                if let Some((k, _)) = get("with") {
-                    self.error(&k.span, "`with` is only allowed in a step with `uses`");
-                }
-                let script = self.template(run, "run")?;
-                let shell = get("shell").and_then(|(_, v)| self.plain_string(v, "shell"));
+            [one] => one.value.as_str(),
+            [first, second, ..] => {
+                self.error(
+                    &second.span,
+                    format!(
+                        "A step cannot have both `{}` and `{}` ({context})",
+                        first.value, second.value
+                    ),
+                );
+                return None;
+            }
+        };
+        // Keys that only make sense with some kinds of step.
+        for (key, allowed_with) in [
+            ("with", &["uses"][..]),
+            ("shell", &["run"][..]),
+            ("working-directory", &["run"][..]),
+            ("background", &["run", "uses"][..]),
+        ] {
+            if let Some((k, _)) = get(key)
+                && !allowed_with.contains(&kind)
+            {
+                let with = allowed_with
+                    .iter()
+                    .map(|a| format!("`{a}`"))
+                    .collect::<Vec<_>>()
+                    .join(" or ");
+                self.error(
+                    &k.span,
+                    format!("`{key}` is only allowed in a step with {with}"),
+                );
+            }
+        }
+        if background
+            && in_group
+            && let Some((k, _)) = get("background")
+        {
+            self.error(
+                &k.span,
+                "Steps of a `parallel` group already run in the background",
+            );
+        }
+        let (_, value) = get(kind)?;
+        let action = match kind {
+            "run" => {
+                let script = self.template(value, "run")?;
+                let shell = get("shell").and_then(|(_, v)| self.shell(v));
                 let working_directory = get("working-directory")
                     .and_then(|(_, v)| self.template(v, "working-directory"));
                 StepAction::Run {
@@ -1455,16 +1624,8 @@ impl Loader {
                     working_directory,
                 }
             }
-            (None, Some((_, uses))) => {
-                for key in ["shell", "working-directory"] {
-                    if let Some((k, _)) = get(key) {
-                        self.error(
-                            &k.span,
-                            format!("`{key}` is only allowed in a step with `run`"),
-                        );
-                    }
-                }
-                let uses = self.plain_string(uses, "uses")?;
+            "uses" => {
+                let uses = self.plain_string(value, "uses")?;
                 if uses.value.trim().is_empty() {
                     self.error(&uses.span, "`uses` is empty");
                     return None;
@@ -1473,6 +1634,58 @@ impl Loader {
                     .map(|(_, v)| self.template_map(v, "with"))
                     .unwrap_or_default();
                 StepAction::Uses { uses, with }
+            }
+            "wait" => {
+                let list = self.string_list(value, "wait");
+                if list.is_empty() {
+                    self.error(&value.span, "`wait` names no steps");
+                }
+                for w in &list {
+                    if !ids.contains_key(&w.value) {
+                        self.error(
+                            &w.span,
+                            format!(
+                                "`wait` names `{}`, which is not an earlier step id",
+                                w.value
+                            ),
+                        );
+                    }
+                }
+                StepAction::Wait { ids: list }
+            }
+            "wait-all" => {
+                if !matches!(value.kind, NodeKind::Null) {
+                    self.wrong_type(value, "wait-all", "empty");
+                }
+                StepAction::WaitAll
+            }
+            "cancel" => {
+                let target = self.string(value, "cancel")?;
+                if !ids.contains_key(&target.value) {
+                    self.error(
+                        &target.span,
+                        format!(
+                            "`cancel` names `{}`, which is not an earlier step id",
+                            target.value
+                        ),
+                    );
+                }
+                StepAction::Cancel { id: target }
+            }
+            _ => {
+                if in_group {
+                    self.error(&value.span, "`parallel` groups cannot be nested");
+                    return None;
+                }
+                let NodeKind::Seq(items) = &value.kind else {
+                    self.wrong_type(value, "parallel", "a list of steps");
+                    return None;
+                };
+                if items.is_empty() {
+                    self.error(&value.span, "`parallel` lists no steps");
+                }
+                let steps = self.step_list(items, job, ids, true);
+                StepAction::Parallel { steps }
             }
         };
         Some(Step {
@@ -1485,8 +1698,15 @@ impl Loader {
             env,
             continue_on_error,
             timeout_minutes,
+            env_expr,
+            background,
         })
     }
+}
+
+/// Whether a node is a string holding an expression.
+fn is_expr(node: &Node) -> bool {
+    matches!(&node.kind, NodeKind::String { value, .. } if value.contains("${{"))
 }
 
 /// Whether `id` is a valid job or step id: a letter or `_`, then letters, digits, `-`, `_`.
@@ -1518,8 +1738,8 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
     for (i, row) in d.iter_mut().enumerate() {
         row[0] = i;
     }
-    for j in 0..=b.len() {
-        d[0][j] = j;
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
     }
     for i in 1..=a.len() {
         for j in 1..=b.len() {

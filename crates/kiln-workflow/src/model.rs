@@ -36,6 +36,9 @@ pub struct Workflow {
     pub concurrency: Option<Concurrency>,
     /// `jobs:`, in declaration order.
     pub jobs: IndexMap<String, Job>,
+    /// Things GitHub may reject or kiln cannot check, which do not stop the workflow from
+    /// loading (e.g. an expression in a job's `uses`).
+    pub warnings: Vec<crate::load::Diagnostic>,
 }
 
 impl Workflow {
@@ -226,6 +229,10 @@ pub struct Job {
     pub concurrency: Option<Concurrency>,
     /// `permissions:`.
     pub permissions: Option<Spanned<serde_json::Value>>,
+    /// `env:` written as one expression, evaluated to an object at run time.
+    pub env_expr: Option<Template>,
+    /// `snapshot:` (custom runner images) as written.
+    pub snapshot: Option<Spanned<serde_json::Value>>,
 }
 
 impl Job {
@@ -261,6 +268,12 @@ pub struct Step {
     pub continue_on_error: BoolOrExpr,
     /// `timeout-minutes:`.
     pub timeout_minutes: Option<NumberOrExpr>,
+    /// `env:` written as one expression (`env: ${{ fromJSON(...) }}`), evaluated to an object
+    /// at run time; `env` is then empty.
+    pub env_expr: Option<Template>,
+    /// `background: true`: the step starts and the job moves on without waiting for it
+    /// (GitHub's parallel steps).
+    pub background: bool,
 }
 
 impl Step {
@@ -280,6 +293,13 @@ impl Step {
                 format!("Run {first}")
             }
             StepAction::Uses { uses, .. } => format!("Run {}", uses.value),
+            StepAction::Wait { ids } => {
+                let ids: Vec<&str> = ids.iter().map(|i| i.value.as_str()).collect();
+                format!("Wait for {}", ids.join(", "))
+            }
+            StepAction::WaitAll => "Wait for all background steps".to_owned(),
+            StepAction::Cancel { id } => format!("Cancel {}", id.value),
+            StepAction::Parallel { steps } => format!("Run {} steps in parallel", steps.len()),
         }
     }
 }
@@ -302,6 +322,23 @@ pub enum StepAction {
         uses: Spanned<String>,
         /// `with:` inputs.
         with: IndexMap<String, Template>,
+    },
+    /// `wait: id` / `wait: [ids]`: block until those background steps finish.
+    Wait {
+        /// The background steps waited for.
+        ids: Vec<Spanned<String>>,
+    },
+    /// `wait-all:`: block until every earlier background step finishes.
+    WaitAll,
+    /// `cancel: id`: stop a background step.
+    Cancel {
+        /// The background step to stop.
+        id: Spanned<String>,
+    },
+    /// `parallel: [steps]`: run the steps concurrently and wait for all of them.
+    Parallel {
+        /// The grouped steps (their `index` is their position in the group).
+        steps: Vec<Step>,
     },
 }
 
@@ -342,6 +379,10 @@ pub struct EventTrigger {
     pub paths_ignore: Option<PatternList>,
     /// `workflows:` (workflow_run).
     pub workflows: Option<Vec<Spanned<String>>>,
+    /// `names:` (image_version).
+    pub names: Option<Vec<Spanned<String>>>,
+    /// `versions:` (image_version).
+    pub versions: Option<Vec<Spanned<String>>>,
     /// `inputs:` (workflow_dispatch, workflow_call).
     pub inputs: IndexMap<String, InputDef>,
     /// `outputs:` (workflow_call).
@@ -366,6 +407,8 @@ impl EventTrigger {
             paths: None,
             paths_ignore: None,
             workflows: None,
+            names: None,
+            versions: None,
             inputs: IndexMap::new(),
             outputs: IndexMap::new(),
             secrets: IndexMap::new(),

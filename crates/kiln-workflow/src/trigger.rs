@@ -344,15 +344,16 @@ impl EventTrigger {
         let Some(files) = &event.changed_files else {
             return true;
         };
-        if let Some(paths) = &self.paths {
-            if !files.iter().any(|f| paths.matches(f)) {
-                return false;
-            }
+        if let Some(paths) = &self.paths
+            && !files.iter().any(|f| paths.matches(f))
+        {
+            return false;
         }
-        if let Some(ignore) = &self.paths_ignore {
-            if !files.is_empty() && files.iter().all(|f| ignore.matches(f)) {
-                return false;
-            }
+        if let Some(ignore) = &self.paths_ignore
+            && !files.is_empty()
+            && files.iter().all(|f| ignore.matches(f))
+        {
+            return false;
         }
         true
     }

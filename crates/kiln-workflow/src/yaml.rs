@@ -187,24 +187,24 @@ fn resolve_plain(text: &str) -> NodeKind {
         ".nan" | ".NaN" | ".NAN" => return number(f64::NAN, text),
         _ => {}
     }
-    if let Some(hex) = text.strip_prefix("0x") {
-        if !hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit()) {
-            if let Ok(v) = u64::from_str_radix(hex, 16) {
-                return number(v as f64, text);
-            }
-        }
+    if let Some(hex) = text.strip_prefix("0x")
+        && !hex.is_empty()
+        && hex.chars().all(|c| c.is_ascii_hexdigit())
+        && let Ok(v) = u64::from_str_radix(hex, 16)
+    {
+        return number(v as f64, text);
     }
-    if let Some(oct) = text.strip_prefix("0o") {
-        if !oct.is_empty() && oct.chars().all(|c| matches!(c, '0'..='7')) {
-            if let Ok(v) = u64::from_str_radix(oct, 8) {
-                return number(v as f64, text);
-            }
-        }
+    if let Some(oct) = text.strip_prefix("0o")
+        && !oct.is_empty()
+        && oct.chars().all(|c| matches!(c, '0'..='7'))
+        && let Ok(v) = u64::from_str_radix(oct, 8)
+    {
+        return number(v as f64, text);
     }
-    if is_core_int(text) || is_core_float(text) {
-        if let Ok(v) = text.parse::<f64>() {
-            return number(v, text);
-        }
+    if (is_core_int(text) || is_core_float(text))
+        && let Ok(v) = text.parse::<f64>()
+    {
+        return number(v, text);
     }
     NodeKind::String {
         value: text.to_owned(),

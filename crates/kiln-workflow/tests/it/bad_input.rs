@@ -1,0 +1,1 @@
+//! Bad input gives exact `file:line:col` messages.

@@ -1,0 +1,1 @@
+//! parse_workflow never panics.
