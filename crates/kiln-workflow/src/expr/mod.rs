@@ -25,6 +25,8 @@ mod eval;
 mod functions;
 mod lexer;
 mod parser;
+#[cfg(test)]
+mod proptests;
 mod template;
 
 use std::fmt;
