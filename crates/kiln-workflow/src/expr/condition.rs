@@ -32,8 +32,8 @@ pub struct Condition {
 enum Body {
     /// Empty `if:`: `success()`.
     Empty,
-    /// One expression.
-    Expr(Expr),
+    /// One expression, and the byte offset of its body in the source.
+    Expr(Expr, usize),
     /// Text mixed with interpolations: a string, truthy when not empty.
     Text(Template),
 }
@@ -45,22 +45,19 @@ impl Condition {
             Body::Empty
         } else if src.contains("${{") {
             let template = Template::parse(src, span.clone())?;
-            // Whitespace around a lone `${{ }}` (e.g. a block scalar's final newline) does not
-            // turn it into text.
-            let exprs: Vec<&Expr> = template.expressions().collect();
-            let text_only_space = src.split("${{").count() == 2
-                && src.trim_start().starts_with("${{")
-                && src.trim_end().ends_with("}}");
-            match exprs.as_slice() {
-                [only] if text_only_space => Body::Expr((*only).clone()),
-                _ => Body::Text(template),
+            match template.lone_with_offset() {
+                Some((only, offset)) => Body::Expr(only.clone(), offset),
+                None => Body::Text(template),
             }
         } else {
-            Body::Expr(Expr::parse(src).map_err(|e| locate_error(e, &span, src, 0))?)
+            Body::Expr(
+                Expr::parse(src).map_err(|e| locate_error(e, &span, src, 0))?,
+                0,
+            )
         };
         let uses_status = match &body {
             Body::Empty => true,
-            Body::Expr(e) => e.uses_status_function(),
+            Body::Expr(e, _) => e.uses_status_function(),
             Body::Text(t) => t.uses_status_function(),
         };
         Ok(Condition {
@@ -90,13 +87,10 @@ impl Condition {
         }
         match &self.body {
             Body::Empty => Ok(success),
-            Body::Expr(e) => e
+            Body::Expr(e, offset) => e
                 .eval(ctx)
                 .map(|v| v.is_truthy())
-                .map_err(|err| match err.span() {
-                    Some(_) => err,
-                    None => err.with_span(self.span.clone()),
-                }),
+                .map_err(|err| locate_error(err, &self.span, &self.src, *offset)),
             Body::Text(t) => t.eval(ctx).map(|s| !s.is_empty()),
         }
     }
@@ -120,7 +114,7 @@ impl Condition {
     pub fn expressions(&self) -> Vec<&Expr> {
         match &self.body {
             Body::Empty => Vec::new(),
-            Body::Expr(e) => vec![e],
+            Body::Expr(e, _) => vec![e],
             Body::Text(t) => t.expressions().collect(),
         }
     }
@@ -150,6 +144,7 @@ mod tests {
             "github.ref == 'refs/heads/main'",
             "${{ github.ref == 'refs/heads/main' }}",
             "${{ github.ref == 'refs/heads/main' }}\n",
+            "${{ startsWith('${{ x', 'refs') || github.ref == 'refs/heads/main' }}",
         ] {
             assert_eq!(check(src, JobStatus::Success), Ok(true), "{src}");
         }

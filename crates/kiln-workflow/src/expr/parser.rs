@@ -434,7 +434,7 @@ impl<'p> Parser<'p> {
         if args.len() > max {
             return Err(self.error(ParseErrorKind::TooManyParameters, ident));
         }
-        if func == Func::Case && args.len() % 2 == 0 {
+        if func == Func::Case && args.len().is_multiple_of(2) {
             return Err(self.error(ParseErrorKind::EvenParameters, ident));
         }
         Ok(Operand {

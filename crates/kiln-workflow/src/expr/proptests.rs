@@ -89,7 +89,7 @@ impl Host for TestHost {
         self.0
     }
     fn hash_files(&self, patterns: &[String]) -> Result<String, String> {
-        if patterns.len() % 2 == 0 {
+        if patterns.len().is_multiple_of(2) {
             Ok("0".repeat(64))
         } else {
             Err("no files".to_owned())
@@ -113,6 +113,14 @@ fn contexts() -> IndexMap<String, Value> {
         Value::from_json(serde_json::json!({"A": "1"})),
     );
     c
+}
+
+/// Cases per property: 2000, or `KILN_PROPTEST_CASES` for a longer campaign.
+fn cases() -> u32 {
+    std::env::var("KILN_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000)
 }
 
 fn soup() -> impl Strategy<Value = String> {
@@ -149,7 +157,7 @@ fn exercise(src: &str) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
 
     #[test]
     fn arbitrary_strings_never_panic(src in any::<String>()) {

@@ -121,6 +121,26 @@ impl Template {
         }
     }
 
+    /// Like [`Template::lone_expression`], but text made only of whitespace around the
+    /// expression (such as a block scalar's final newline) is allowed.
+    pub fn lone_expression_ignoring_space(&self) -> Option<&Expr> {
+        self.lone_with_offset().map(|(e, _)| e)
+    }
+
+    /// The lone expression (whitespace around allowed) and the byte offset of its body.
+    pub(crate) fn lone_with_offset(&self) -> Option<(&Expr, usize)> {
+        let mut found = None;
+        for part in &self.parts {
+            match part {
+                Part::Literal(s) if s.trim().is_empty() => {}
+                Part::Literal(_) => return None,
+                Part::Expr { expr, offset } if found.is_none() => found = Some((expr, *offset)),
+                Part::Expr { .. } => return None,
+            }
+        }
+        found
+    }
+
     /// Whether any expression calls a status function (`success()`, `always()`, ...).
     pub fn uses_status_function(&self) -> bool {
         self.expressions().any(Expr::uses_status_function)
