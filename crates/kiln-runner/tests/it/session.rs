@@ -29,10 +29,13 @@ struct Counting {
     allocations: AtomicUsize,
     allocate_calls: AtomicUsize,
     releases: AtomicUsize,
+    release_calls: AtomicUsize,
     /// VMs allocated and not yet released, and the most that ever existed at once.
     live: Mutex<(HashSet<String>, usize)>,
     /// When set, `allocate` waits for a permit here before forwarding.
     gate: Option<Semaphore>,
+    /// When set, `release` waits for a permit here before forwarding.
+    release_gate: Option<Semaphore>,
 }
 
 impl Counting {
@@ -42,8 +45,17 @@ impl Counting {
             allocations: AtomicUsize::new(0),
             allocate_calls: AtomicUsize::new(0),
             releases: AtomicUsize::new(0),
+            release_calls: AtomicUsize::new(0),
             live: Mutex::new((HashSet::new(), 0)),
             gate: None,
+            release_gate: None,
+        }
+    }
+
+    fn release_gated(runtime_dir: &Path) -> Counting {
+        Counting {
+            release_gate: Some(Semaphore::new(0)),
+            ..Counting::new(runtime_dir)
         }
     }
 
@@ -91,6 +103,10 @@ impl VmProvider for Counting {
     }
 
     async fn release(&self, vm: &dyn Vm) -> Result<(), VmError> {
+        self.release_calls.fetch_add(1, Ordering::SeqCst);
+        if let Some(gate) = &self.release_gate {
+            gate.acquire().await.unwrap().forget();
+        }
         let result = self.real.release(vm).await;
         self.releases.fetch_add(1, Ordering::SeqCst);
         self.live.lock().unwrap().0.remove(vm.id());
@@ -291,8 +307,13 @@ async fn allocation_is_logged_with_vm_time_and_session() {
         .with_writer(move || writer.clone())
         .finish();
     // #[tokio::test] runs every task on this thread, so the thread's default subscriber sees
-    // the allocation task too.
+    // the allocation task too. tracing caches each callsite's interest process-wide: with only
+    // one dispatcher registered, a parallel test's thread (no subscriber) would cache the
+    // allocation line as "never". A global default keeps a second dispatcher registered, and
+    // the rebuild re-asks every callsite with the capture in place.
+    let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
     let _default = tracing::subscriber::set_default(subscriber);
+    tracing::callsite::rebuild_interest_cache();
 
     let f = fixture(SessionConfig::default());
     let session = create(&f.manager, "logged").await;
@@ -427,6 +448,46 @@ async fn wait_mode_never_has_more_than_the_limit_active_under_load() {
     );
     assert_eq!(f.manager.available_slots(), 2);
     assert_eq!(leftovers(&f.runtime_dir), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_returns_only_after_its_vm_is_released() {
+    let f = fixture_with(limit(1, OnLimit::Wait), Counting::release_gated);
+    let first = create(&f.manager, "first").await;
+    let first_dir = PathBuf::from(first.vm().work_root());
+    let manager = f.manager.clone();
+    let mut waiting = tokio::spawn(async move { manager.create_session(request("next")).await });
+    let manager = f.manager.clone();
+    let releasing = tokio::spawn(async move { manager.release_session(first).await });
+
+    // The backend is in the middle of releasing the first VM: it still exists, so the slot
+    // must still be taken.
+    wait_until("release is called", || {
+        f.provider.release_calls.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(first_dir.exists());
+    assert_eq!(f.manager.available_slots(), 0);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut waiting)
+            .await
+            .is_err(),
+        "a new session started before the old VM was released"
+    );
+    assert_eq!(f.provider.allocations(), 1);
+
+    f.provider.release_gate.as_ref().unwrap().add_permits(1);
+    let info = releasing.await.unwrap().unwrap();
+    assert_eq!(info.state, SessionState::Released);
+    assert!(!first_dir.exists());
+    let next = tokio::time::timeout(PATIENCE, waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(f.provider.max_live(), 1);
+    f.provider.release_gate.as_ref().unwrap().add_permits(1);
+    f.manager.release_session(next).await.unwrap();
 }
 
 #[tokio::test]
