@@ -83,12 +83,13 @@ impl Node {
 
     /// The scalar's string form (`true`, `3.1`, `text`), or `None` for collections and null.
     ///
-    /// Numbers keep their source text: GitHub reads `3.10` as a number, but where a string is
-    /// expected (an `env` value, an action input) it is the source text that users mean.
+    /// Numbers are converted the way GitHub converts them: `3.10` is the number 3.1, so an
+    /// `env` value or action input written `3.10` is the string `3.1` (a well-known trap that
+    /// kiln reproduces rather than hides).
     pub fn scalar_string(&self) -> Option<String> {
         match &self.kind {
             NodeKind::Bool(b) => Some(b.to_string()),
-            NodeKind::Number { value, raw } => Some(number_string(*value, raw)),
+            NodeKind::Number { value, .. } => Some(number_string(*value)),
             NodeKind::String { value, .. } => Some(value.clone()),
             _ => None,
         }
@@ -153,25 +154,8 @@ pub fn number_json(value: f64) -> serde_json::Value {
     }
 }
 
-fn number_string(value: f64, raw: &str) -> String {
-    // Decimal literals keep their text (`3.10` stays `3.10` in an env var); other notations
-    // (hex, octal, exponent, `.inf`) are normalised the way GitHub prints numbers.
-    let plain_decimal = raw
-        .trim_start_matches(['-', '+'])
-        .chars()
-        .all(|c| c.is_ascii_digit() || c == '.');
-    if plain_decimal && !raw.starts_with('+') {
-        return raw.to_owned();
-    }
-    if value.is_nan() {
-        "NaN".to_owned()
-    } else if value.is_infinite() {
-        if value > 0.0 { "Infinity" } else { "-Infinity" }.to_owned()
-    } else if value.fract() == 0.0 && value.abs() < 1e15 {
-        format!("{}", value as i64)
-    } else {
-        format!("{value}")
-    }
+fn number_string(value: f64) -> String {
+    crate::value::number_to_string(value)
 }
 
 /// Resolves a plain scalar by the YAML 1.2 core schema.
@@ -682,10 +666,10 @@ mod tests {
     }
 
     #[test]
-    fn number_strings_keep_decimal_text() {
+    fn number_strings_are_canonical_like_github() {
         let root = load("t.yml", "a: 3.10\nb: 0x10\nc: 1e2\n").expect("valid");
         let s = |k| root.get(k).and_then(Node::scalar_string).expect("scalar");
-        assert_eq!(s("a"), "3.10");
+        assert_eq!(s("a"), "3.1");
         assert_eq!(s("b"), "16");
         assert_eq!(s("c"), "100");
     }

@@ -82,3 +82,38 @@ fn every_corpus_workflow_parses_and_plans() {
         files.len()
     );
 }
+
+/// Parses and plans the whole corpus repeatedly and reports workflows per second (the
+/// figure asked for in the issue; run with `--release -- --nocapture` for a real number).
+#[test]
+fn corpus_parse_and_plan_rate() {
+    let texts: Vec<(String, String)> = corpus_files()
+        .iter()
+        .map(|p| {
+            let name = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("?")
+                .to_owned();
+            (
+                name,
+                std::fs::read_to_string(p).expect("readable corpus file"),
+            )
+        })
+        .collect();
+    let rounds = 3;
+    let start = std::time::Instant::now();
+    for _ in 0..rounds {
+        for (name, text) in &texts {
+            let wf = parse_workflow(name, text).expect("corpus parses");
+            job_order(&wf).expect("corpus plans");
+        }
+    }
+    let elapsed = start.elapsed();
+    let rate = (rounds * texts.len()) as f64 / elapsed.as_secs_f64();
+    eprintln!(
+        "parsed and planned {} workflows in {elapsed:?}: {rate:.0} workflows/s",
+        rounds * texts.len()
+    );
+    assert!(rate > 0.0);
+}

@@ -4,3 +4,5 @@ mod bad_input;
 mod conformance;
 mod corpus;
 mod fuzz;
+mod model;
+mod triggers;
