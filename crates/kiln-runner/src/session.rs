@@ -29,6 +29,12 @@
 //! the guard's release after the reaper expired the session, changes nothing and returns the
 //! final [`SessionInfo`].
 //!
+//! An expired session keeps its table entry (state `Expired`, no VM, no slot) until its guard
+//! is released or dropped, so the run that owns it can still ask [`SessionGuard::info`] or
+//! [`SessionGuard::ensure_active`] what happened; commands on its VM fail with
+//! [`VmError::Released`]. A failed release also ends in `Failed` and returns the slot, so a
+//! broken backend cannot wedge the limit; the error is returned and logged.
+//!
 //! # Ownership
 //!
 //! - **The session table** has one owner, the manager's `Inner`: a `std::sync::Mutex` over a
@@ -563,7 +569,8 @@ impl SessionGuard {
         self.allocation_time
     }
 
-    /// Records activity now, which keeps the reaper's `idle_timeout` away.
+    /// Records activity now, which keeps the reaper's `idle_timeout` away. The executor calls
+    /// it at least once per step.
     pub fn touch(&self) {
         let mut table = self.inner.lock();
         if let Some(entry) = table.entry_mut(&self.id, self.serial)
@@ -1056,6 +1063,156 @@ impl fmt::Display for ErrorChain<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::path::Path;
+
+    use async_trait::async_trait;
+    use kiln_vm::{Allocation, ExecOutcome, ExecRequest, OutputSink};
+
+    /// A bookkeeping-only backend: its VMs run nothing. It exists to drive the manager into
+    /// the failure paths a real backend rarely takes (a panicking allocate, a failing release).
+    #[derive(Default)]
+    struct Fake {
+        panic_on_allocate: bool,
+        fail_release: bool,
+        released: std::sync::atomic::AtomicUsize,
+    }
+
+    #[derive(Debug)]
+    struct FakeVm(String);
+
+    #[async_trait]
+    impl VmProvider for Fake {
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+        fn isolates(&self) -> bool {
+            false
+        }
+        async fn allocate(&self, _spec: &VmSpec) -> Result<Allocation, VmError> {
+            assert!(!self.panic_on_allocate, "backend bug");
+            Ok(Allocation {
+                vm: Arc::new(FakeVm("fake-1".into())),
+                elapsed: Duration::from_millis(7),
+            })
+        }
+        async fn release(&self, vm: &dyn Vm) -> Result<(), VmError> {
+            self.released.fetch_add(1, Ordering::SeqCst);
+            if self.fail_release {
+                return Err(VmError::Io {
+                    vm: vm.id().to_owned(),
+                    op: "removing /run/fake".into(),
+                    source: std::io::Error::other("device busy"),
+                });
+            }
+            Ok(())
+        }
+    }
+
+    #[async_trait]
+    impl Vm for FakeVm {
+        fn id(&self) -> &str {
+            &self.0
+        }
+        fn backend(&self) -> &'static str {
+            "fake"
+        }
+        fn work_root(&self) -> &str {
+            "/nowhere"
+        }
+        async fn exec(&self, _: ExecRequest, _: OutputSink) -> Result<ExecOutcome, VmError> {
+            Err(self.unsupported())
+        }
+        async fn kill_all(&self) -> Result<(), VmError> {
+            Ok(())
+        }
+        async fn copy_in(&self, _: &Path, _: &str) -> Result<(), VmError> {
+            Err(self.unsupported())
+        }
+        async fn copy_out(&self, _: &str, _: &Path) -> Result<(), VmError> {
+            Err(self.unsupported())
+        }
+        async fn write_file(&self, _: &str, _: &[u8]) -> Result<(), VmError> {
+            Err(self.unsupported())
+        }
+        async fn read_file(&self, _: &str) -> Result<Vec<u8>, VmError> {
+            Err(self.unsupported())
+        }
+        async fn release(&self) -> Result<(), VmError> {
+            Ok(())
+        }
+    }
+
+    impl FakeVm {
+        fn unsupported(&self) -> VmError {
+            VmError::Unsupported {
+                backend: "fake",
+                what: "running anything".into(),
+            }
+        }
+    }
+
+    fn request(id: &str) -> SessionRequest {
+        SessionRequest {
+            session_id: id.into(),
+            run_id: "run".into(),
+            workflow: "wf".into(),
+            spec: VmSpec::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_allocate_fails_the_session_and_returns_its_slot() {
+        let fake = Fake {
+            panic_on_allocate: true,
+            ..Fake::default()
+        };
+        let manager = SessionManager::new(Arc::new(fake), SessionConfig::default());
+        let err = manager.create_session(request("s")).await.unwrap_err();
+        assert!(
+            matches!(err, SessionError::AllocationAborted { .. }),
+            "{err}"
+        );
+        assert_eq!(manager.available_slots(), 4);
+        assert_eq!(manager.active_count(), 0);
+        assert_eq!(manager.sessions()[0].state, SessionState::Failed);
+    }
+
+    #[tokio::test]
+    async fn a_failed_release_ends_failed_reports_why_and_returns_the_slot() {
+        let fake = Arc::new(Fake {
+            fail_release: true,
+            ..Fake::default()
+        });
+        let manager = SessionManager::new(fake.clone(), SessionConfig::default());
+        let guard = manager.create_session(request("s")).await.unwrap();
+        assert_eq!(guard.allocation_time(), Duration::from_millis(7));
+        assert_eq!(manager.available_slots(), 3);
+        let err = manager.release_session(guard).await.unwrap_err();
+        assert_eq!(
+            ErrorChain(&err).to_string(),
+            "Could not release VM fake-1 of session s: removing /run/fake for VM fake-1 failed: \
+             device busy"
+        );
+        assert_eq!(manager.available_slots(), 4);
+        assert_eq!(manager.sessions()[0].state, SessionState::Failed);
+        assert_eq!(fake.released.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn max_sessions_zero_means_one() {
+        let config = SessionConfig {
+            max_sessions: 0,
+            on_limit: OnLimit::Fail,
+            ..SessionConfig::default()
+        };
+        let manager = SessionManager::new(Arc::new(Fake::default()), config);
+        assert_eq!(manager.config().max_sessions, 1);
+        let guard = manager.create_session(request("a")).await.unwrap();
+        let err = manager.create_session(request("b")).await.unwrap_err();
+        assert!(matches!(err, SessionError::LimitReached { limit: 1 }));
+        manager.release_session(guard).await.unwrap();
+    }
 
     #[test]
     fn on_limit_parses_wait_and_fail_and_rejects_the_rest() {
