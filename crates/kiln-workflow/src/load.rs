@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use indexmap::IndexMap;
 
-use crate::expr::{Condition, ExprError, Template};
+use crate::expr::{Condition, Expr, ExprError, Template};
 use crate::model::{
     BoolOrExpr, CallOutput, CallSecret, Concurrency, CronSchedule, Defaults, Env, EventTrigger,
     InputDef, InputType, Job, JobSecrets, MatrixDef, NumberOrExpr, RunDefaults, Step, StepAction,
@@ -78,6 +78,7 @@ pub fn parse_workflow(file: &str, text: &str) -> Result<Workflow, WorkflowError>
         file: Arc::from(file),
         diagnostics: Vec::new(),
         warnings: Vec::new(),
+        scope: None,
     };
     let mut workflow = loader.workflow(&root);
     if let Some(wf) = &mut workflow {
@@ -238,6 +239,103 @@ struct Loader {
     file: Arc<str>,
     diagnostics: Vec<Diagnostic>,
     warnings: Vec<Diagnostic>,
+    /// What expressions may use in the key being read (`None`: not checked).
+    scope: Option<Scope>,
+}
+
+/// Which contexts and special functions expressions may use in a key: GitHub's "context
+/// availability" table. Anything else is rejected by GitHub with "Unrecognized named-value".
+#[derive(Debug, Clone, Copy)]
+struct Scope {
+    /// The key, as GitHub's table names it.
+    key: &'static str,
+    contexts: &'static [&'static str],
+    /// `hashFiles()` is allowed (step keys only).
+    hash_files: bool,
+    /// `success()`, `failure()`, `cancelled()`, `always()` are allowed (`if:` only).
+    status: bool,
+}
+
+const fn scope(key: &'static str, contexts: &'static [&'static str]) -> Option<Scope> {
+    Some(Scope {
+        key,
+        contexts,
+        hash_files: false,
+        status: false,
+    })
+}
+
+const JOB_LEVEL: &[&str] = &["github", "needs", "strategy", "matrix", "vars", "inputs"];
+const STEP_LEVEL: &[&str] = &[
+    "github", "needs", "strategy", "matrix", "job", "runner", "env", "vars", "secrets", "steps",
+    "inputs",
+];
+const STEP_IF: &[&str] = &[
+    "github", "needs", "strategy", "matrix", "job", "runner", "env", "vars", "steps", "inputs",
+];
+const CREDENTIALS: &[&str] = &[
+    "github", "needs", "strategy", "matrix", "env", "vars", "secrets", "inputs",
+];
+const CONTAINER_ENV: &[&str] = &[
+    "github", "needs", "strategy", "matrix", "job", "runner", "env", "vars", "secrets", "inputs",
+];
+
+/// The scope of a job-level key.
+fn job_scope(key: &str) -> Option<Scope> {
+    match key {
+        "name" | "runs-on" | "concurrency" | "container" | "services" | "environment"
+        | "timeout-minutes" | "continue-on-error" => scope("jobs.<job_id>.*", JOB_LEVEL),
+        "with" => scope("jobs.<job_id>.with", JOB_LEVEL),
+        "if" => Some(Scope {
+            key: "jobs.<job_id>.if",
+            contexts: &["github", "needs", "vars", "inputs"],
+            hash_files: false,
+            status: true,
+        }),
+        "strategy" => scope(
+            "jobs.<job_id>.strategy",
+            &["github", "needs", "vars", "inputs"],
+        ),
+        "env" => scope(
+            "jobs.<job_id>.env",
+            &[
+                "github", "needs", "strategy", "matrix", "vars", "secrets", "inputs",
+            ],
+        ),
+        "secrets" => scope(
+            "jobs.<job_id>.secrets",
+            &[
+                "github", "needs", "strategy", "matrix", "secrets", "inputs", "vars",
+            ],
+        ),
+        "defaults" => scope(
+            "jobs.<job_id>.defaults.run",
+            &[
+                "github", "needs", "strategy", "matrix", "env", "vars", "inputs",
+            ],
+        ),
+        "outputs" => scope("jobs.<job_id>.outputs", STEP_LEVEL),
+        _ => None,
+    }
+}
+
+/// The scope of a step-level key.
+fn step_scope(key: &str) -> Option<Scope> {
+    match key {
+        "if" => Some(Scope {
+            key: "jobs.<job_id>.steps.if",
+            contexts: STEP_IF,
+            hash_files: true,
+            status: true,
+        }),
+        "id" | "uses" => None,
+        _ => Some(Scope {
+            key: "jobs.<job_id>.steps.*",
+            contexts: STEP_LEVEL,
+            hash_files: true,
+            status: false,
+        }),
+    }
 }
 
 impl Loader {
@@ -348,12 +446,60 @@ impl Loader {
 
     fn template_str(&mut self, text: &str, span: &Span, what: &str) -> Option<Template> {
         match Template::parse(text, span.clone()) {
-            Ok(t) => Some(t),
+            Ok(t) => {
+                self.check_scope(t.expressions(), span, what);
+                Some(t)
+            }
             Err(e) => {
                 self.expr_error(span, what, &e);
                 None
             }
         }
+    }
+
+    /// Reports contexts and functions that `self.scope` does not allow.
+    fn check_scope<'e>(&mut self, exprs: impl Iterator<Item = &'e Expr>, span: &Span, what: &str) {
+        let Some(scope) = self.scope else {
+            return;
+        };
+        let mut reported: Vec<String> = Vec::new();
+        for e in exprs {
+            for c in e.referenced_contexts() {
+                if !scope.contexts.contains(&c.as_str()) && !reported.contains(&c) {
+                    self.error_help(
+                        span,
+                        format!("Context `{c}` is not available in `{what}`"),
+                        format!(
+                            "in `{}` expressions may use: {}",
+                            scope.key,
+                            scope.contexts.join(", ")
+                        ),
+                    );
+                    reported.push(c);
+                }
+            }
+            for f in e.referenced_functions() {
+                let allowed = match f.to_ascii_lowercase().as_str() {
+                    "hashfiles" => scope.hash_files,
+                    "success" | "failure" | "cancelled" | "always" => scope.status,
+                    _ => true,
+                };
+                if !allowed && !reported.iter().any(|r| r == f) {
+                    self.error(
+                        span,
+                        format!("Function `{f}()` is not available in `{what}`"),
+                    );
+                    reported.push(f.to_owned());
+                }
+            }
+        }
+    }
+
+    fn with_scope<T>(&mut self, scope: Option<Scope>, f: impl FnOnce(&mut Self) -> T) -> T {
+        let saved = std::mem::replace(&mut self.scope, scope);
+        let out = f(self);
+        self.scope = saved;
+        out
     }
 
     fn expr_error(&mut self, span: &Span, what: &str, e: &ExprError) {
@@ -364,7 +510,10 @@ impl Loader {
     fn condition(&mut self, node: &Node, what: &str) -> Option<Condition> {
         let s = self.string(node, what)?;
         match Condition::parse(&s.value, s.span.clone()) {
-            Ok(c) => Some(c),
+            Ok(c) => {
+                self.check_scope(c.expressions().into_iter(), &s.span, what);
+                Some(c)
+            }
             Err(e) => {
                 self.expr_error(&s.span, what, &e);
                 None
@@ -491,15 +640,30 @@ impl Loader {
         for (key, value) in entries {
             match key.value.as_str() {
                 "name" => wf.name = self.plain_string(value, "name").map(|s| s.value),
-                "run-name" => wf.run_name = self.template(value, "run-name"),
+                "run-name" => {
+                    wf.run_name = self
+                        .with_scope(scope("run-name", &["github", "inputs", "vars"]), |l| {
+                            l.template(value, "run-name")
+                        });
+                }
                 "on" => {
                     saw_on = true;
                     wf.on = self.triggers(value);
                 }
                 "permissions" => wf.permissions = self.permissions(value),
-                "env" => wf.env = self.env(value, "env"),
+                "env" => {
+                    wf.env = self.with_scope(
+                        scope("env", &["github", "secrets", "inputs", "vars"]),
+                        |l| l.env(value, "env"),
+                    );
+                }
                 "defaults" => wf.defaults = self.defaults(value, "defaults"),
-                "concurrency" => wf.concurrency = self.concurrency(value, "concurrency"),
+                "concurrency" => {
+                    wf.concurrency = self
+                        .with_scope(scope("concurrency", &["github", "inputs", "vars"]), |l| {
+                            l.concurrency(value, "concurrency")
+                        });
+                }
                 "jobs" => {
                     saw_jobs = true;
                     wf.jobs = self.jobs(value);
@@ -990,7 +1154,15 @@ impl Loader {
             for (k, v) in fields {
                 match k.value.as_str() {
                     "description" => description = self.string(v, "description").map(|s| s.value),
-                    "value" => val = self.template(v, "value"),
+                    "value" => {
+                        val = self.with_scope(
+                            scope(
+                                "on.workflow_call.outputs.<output_id>.value",
+                                &["github", "jobs", "vars", "inputs"],
+                            ),
+                            |l| l.template(v, "value"),
+                        );
+                    }
                     _ => {}
                 }
             }
@@ -1128,6 +1300,7 @@ impl Loader {
                 );
                 continue;
             }
+            self.scope = job_scope(k);
             match k {
                 "name" => job.name = self.template(value, "name"),
                 "needs" => {
@@ -1178,6 +1351,7 @@ impl Loader {
                 _ => {}
             }
         }
+        self.scope = None;
         if !is_call {
             if job.runs_on.is_none() && !entries.iter().any(|(k, _)| k.value == "runs-on") {
                 self.error_help(
@@ -1263,6 +1437,15 @@ impl Loader {
                     self.error(&node.span, format!("`{what}` is missing `image`"));
                 }
                 for (k, v) in entries {
+                    let contexts = match k.value.as_str() {
+                        "credentials" => CREDENTIALS,
+                        "env" => CONTAINER_ENV,
+                        _ => JOB_LEVEL,
+                    };
+                    let key_what = format!("{what}.{}", k.value);
+                    self.with_scope(scope("jobs.<job_id>.container/services", contexts), |l| {
+                        l.check_json_templates(v, &key_what);
+                    });
                     match k.value.as_str() {
                         "env" => {
                             self.env_or_expr(v, &format!("{what}.env"));
@@ -1290,7 +1473,9 @@ impl Loader {
                 return None;
             }
         }
-        self.check_json_templates(node, what);
+        if let NodeKind::String { .. } = node.kind {
+            self.check_json_templates(node, what);
+        }
         Some(Self::spanned_json(node))
     }
 
@@ -1345,13 +1530,29 @@ impl Loader {
                 if !entries.iter().any(|(k, _)| k.value == "name") {
                     self.error(&node.span, "`environment` is missing `name`");
                 }
+                for (k, v) in entries {
+                    let s = if k.value == "url" {
+                        scope(
+                            "jobs.<job_id>.environment.url",
+                            &[
+                                "github", "needs", "strategy", "matrix", "job", "runner", "env",
+                                "vars", "steps", "inputs",
+                            ],
+                        )
+                    } else {
+                        self.scope
+                    };
+                    self.with_scope(s, |l| l.check_json_templates(v, "environment"));
+                }
             }
             _ => {
                 self.wrong_type(node, "environment", "a name or a mapping");
                 return None;
             }
         }
-        self.check_json_templates(node, "environment");
+        if let NodeKind::String { .. } = node.kind {
+            self.check_json_templates(node, "environment");
+        }
         Some(Self::spanned_json(node))
     }
 
@@ -1528,6 +1729,7 @@ impl Loader {
         let mut timeout_minutes = None;
         let mut background = false;
         for (k, v) in entries {
+            self.scope = step_scope(k.value.as_str());
             match k.value.as_str() {
                 "id" => {
                     if let Some(s) = self.string(v, "id") {
@@ -1611,6 +1813,7 @@ impl Loader {
                 "Steps of a `parallel` group already run in the background",
             );
         }
+        self.scope = step_scope(kind);
         let (_, value) = get(kind)?;
         let action = match kind {
             "run" => {
@@ -1688,6 +1891,7 @@ impl Loader {
                 StepAction::Parallel { steps }
             }
         };
+        self.scope = None;
         Some(Step {
             index,
             span: node.span.clone(),

@@ -203,3 +203,33 @@ fn on_and_jobs_are_required() {
         ]
     );
 }
+
+// GitHub's context availability table: `secrets` is not available in `runs-on`, `matrix` not
+// in workflow `env`, `hashFiles` only in steps, status functions only in `if`.
+#[test]
+fn contexts_where_github_does_not_allow_them() {
+    let text = "on: push
+env:
+  A: ${{ matrix.os }}
+jobs:
+  build:
+    runs-on: ${{ secrets.RUNNER }}
+    name: ${{ hashFiles('x') }}
+    timeout-minutes: ${{ success() && 1 }}
+    steps:
+      - run: echo ${{ secrets.X }} ${{ hashFiles('**/Cargo.lock') }}
+        if: ${{ secrets.X != '' }}
+";
+    let got = errors(text);
+    let lines: Vec<&str> = got.lines().filter(|l| !l.starts_with("  help")).collect();
+    assert_eq!(
+        lines,
+        vec![
+            "ci.yml:3:6: Context `matrix` is not available in `env.A`",
+            "ci.yml:6:14: Context `secrets` is not available in `runs-on`",
+            "ci.yml:7:11: Function `hashFiles()` is not available in `name`",
+            "ci.yml:8:22: Function `success()` is not available in `timeout-minutes`",
+            "ci.yml:11:13: Context `secrets` is not available in `if`",
+        ]
+    );
+}
