@@ -1,1 +1,15 @@
-//! See Cargo.toml description.
+//! The kiln runner: sessions, the workflow executor and the run event stream.
+//!
+//! - [`session`]: the [`SessionManager`](session::SessionManager) binds exactly one VM to each
+//!   session and guarantees its release.
+//! - [`executor`]: the [`WorkflowExecutor`](executor::WorkflowExecutor) runs a workflow's jobs and
+//!   steps in a session's VM.
+//! - [`event`]: [`RunEvent`](event::RunEvent), the one stream every consumer reads (terminal,
+//!   `--json`, logs, store).
+
+#![warn(missing_docs)]
+
+pub mod event;
+pub mod executor;
+pub mod session;
+pub mod workspace;

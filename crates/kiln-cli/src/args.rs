@@ -1,0 +1,186 @@
+//! Command-line arguments. Precedence (file < environment < flags) is resolved in
+//! [`crate::config`]; flags here are `Option`s so that "not given" is visible.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// kiln runs GitHub Actions workflows in disposable microVMs.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// Configuration file (default: ./kiln.toml, then ~/.config/kiln/kiln.toml).
+    #[arg(long, global = true, env = "KILN_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// More log output (-v: info, -vv: debug). KILN_LOG=<filter> overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// kiln's commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run workflows: a file, or the workflows of a directory matching EVENT.
+    Run(RunArgs),
+    /// List the workflows and jobs that EVENT would run.
+    List(ListArgs),
+    /// Check workflow files without running them.
+    Validate(ValidateArgs),
+    /// Show which backends work on this host and why.
+    Doctor,
+    /// Build, list, remove and import guest images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// List past runs (not yet supported).
+    Runs,
+    /// Show a past run's logs (not yet supported).
+    Logs {
+        /// Run id.
+        run: String,
+    },
+    /// Open a shell in a failed run's VM (not yet supported).
+    Debug {
+        /// Run id.
+        run: String,
+    },
+    /// Run a past run again (not yet supported).
+    Rerun {
+        /// Run id.
+        run: String,
+    },
+    /// Serve webhooks, the API and the web UI (not yet supported).
+    Serve,
+    /// Take runs from a shared queue (not yet supported).
+    Worker,
+}
+
+/// `kiln image ...`.
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Build a guest image (default name: `default`).
+    Build {
+        /// Image name.
+        #[arg(default_value = "default")]
+        name: String,
+        /// Extra Debian packages (repeatable).
+        #[arg(long = "package", value_name = "PKG")]
+        packages: Vec<String>,
+        /// Debian suite.
+        #[arg(long)]
+        suite: Option<String>,
+        /// Debian mirror URL.
+        #[arg(long)]
+        mirror: Option<String>,
+        /// Use this kernel (bzImage) instead of Debian's cloud kernel.
+        #[arg(long, value_name = "FILE")]
+        kernel: Option<PathBuf>,
+        /// The guest agent binary to put in the image.
+        #[arg(long, value_name = "FILE", env = "KILN_AGENT")]
+        agent: Option<PathBuf>,
+        /// Rebuild even when the cached image matches the recipe.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List built images.
+    List,
+    /// Remove an image.
+    Rm {
+        /// Image name.
+        name: String,
+    },
+    /// Turn an exported container filesystem (a tar file) into an image.
+    Import {
+        /// Image name.
+        name: String,
+        /// The root filesystem tarball.
+        rootfs: PathBuf,
+        /// The guest agent binary to put in the image.
+        #[arg(long, value_name = "FILE", env = "KILN_AGENT")]
+        agent: Option<PathBuf>,
+    },
+}
+
+/// `kiln run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// A workflow file, or a directory whose .github/workflows/*.y{a,}ml are matched to EVENT.
+    #[arg(default_value = ".")]
+    pub path: PathBuf,
+    /// The triggering event.
+    #[arg(default_value = "push")]
+    pub event: String,
+    /// Run only this job (repeatable).
+    #[arg(short, long = "job", value_name = "JOB")]
+    pub jobs: Vec<String>,
+    /// Run only matrix legs with KEY = VALUE (repeatable).
+    #[arg(long = "matrix", value_name = "KEY:VALUE")]
+    pub matrix: Vec<String>,
+    /// The event payload (JSON file), for `github.event`.
+    #[arg(short = 'e', long = "eventpath", value_name = "FILE")]
+    pub event_path: Option<PathBuf>,
+    /// A secret: NAME=VALUE, or NAME to read it from the environment (repeatable).
+    #[arg(short = 's', long = "secret", value_name = "NAME[=VALUE]")]
+    pub secrets: Vec<String>,
+    /// Secrets from a file of NAME=VALUE lines.
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// Environment for every step, from a file of NAME=VALUE lines.
+    #[arg(long, value_name = "FILE")]
+    pub env_file: Option<PathBuf>,
+    /// A configuration variable (`vars` context): NAME=VALUE (repeatable).
+    #[arg(long = "var", value_name = "NAME=VALUE")]
+    pub vars: Vec<String>,
+    /// Variables from a file of NAME=VALUE lines.
+    #[arg(long, value_name = "FILE")]
+    pub var_file: Option<PathBuf>,
+    /// An input (`inputs` context): NAME=VALUE (repeatable).
+    #[arg(long = "input", value_name = "NAME=VALUE")]
+    pub inputs: Vec<String>,
+    /// Show what would run, without running anything.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+    /// VM backend.
+    #[arg(long, env = "KILN_BACKEND", value_name = "auto|local|qemu|firecracker")]
+    pub backend: Option<String>,
+    /// Guest image.
+    #[arg(long, env = "KILN_IMAGE", value_name = "NAME")]
+    pub image: Option<String>,
+    /// One VM per workflow run, or one per job.
+    #[arg(long, env = "KILN_ISOLATION", value_name = "workflow|job")]
+    pub isolation: Option<String>,
+    /// At most this many sessions (VMs) at once.
+    #[arg(long, env = "KILN_MAX_SESSIONS", value_name = "N")]
+    pub max_sessions: Option<usize>,
+    /// At the session limit: wait for a slot, or fail.
+    #[arg(long, env = "KILN_ON_LIMIT", value_name = "wait|fail")]
+    pub on_limit: Option<String>,
+    /// Snapshot the VM after each step (not yet supported).
+    #[arg(long, value_name = "off|steps")]
+    pub snapshots: Option<String>,
+    /// Write one JSON event per line to stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `kiln list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// A workflow file or a directory.
+    #[arg(default_value = ".")]
+    pub path: PathBuf,
+    /// The triggering event.
+    #[arg(default_value = "push")]
+    pub event: String,
+}
+
+/// `kiln validate`.
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// Workflow files or directories (default: the current directory's workflows).
+    pub paths: Vec<PathBuf>,
+}

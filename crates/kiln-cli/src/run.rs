@@ -1,0 +1,369 @@
+//! `kiln run`, `kiln doctor` and `kiln image`.
+
+use std::time::Duration;
+
+use anyhow::anyhow;
+use indexmap::IndexMap;
+use kiln_runner::event::{Conclusion, EventSink, RunEvent};
+use kiln_runner::executor::{ExecError, GitInfo, RunContext, RunOptions, WorkflowExecutor};
+use kiln_runner::session::{SessionConfig, SessionManager};
+use kiln_runner::workspace;
+use kiln_vm::{BackendConfig, BackendKind, select_backend};
+use kiln_workflow::{StepAction, Workflow};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::args::{ImageCommand, RunArgs};
+use crate::config::{Dirs, FileConfig, Settings};
+use crate::render::{Style, Terminal, summary};
+use crate::workflows::{discover, display_path, load};
+use crate::{Exit, exit, inputs, usage};
+
+/// `kiln run`.
+pub async fn run(file: &FileConfig, args: RunArgs) -> Result<u8, Exit> {
+    let settings = Settings::resolve(file, &args).map_err(usage)?;
+    let context = run_context(&args)?;
+    let matrix_filter = args
+        .matrix
+        .iter()
+        .map(|m| {
+            m.split_once(':')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| usage(anyhow!("--matrix {m}: expected KEY:VALUE")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let single = args.path.is_file();
+    let mut workflows: Vec<Workflow> = Vec::new();
+    for path in discover(&args.path)? {
+        let workflow = load(&path)?;
+        if single || workflow.on.has_event(&args.event) {
+            workflows.push(workflow);
+        }
+    }
+    if single && !workflows.iter().all(|w| w.on.has_event(&args.event)) {
+        eprintln!(
+            "note: {} does not trigger on `{}`; running it anyway because it was named",
+            display_path(&args.path),
+            args.event
+        );
+    }
+    if workflows.is_empty() {
+        eprintln!(
+            "No workflow in {} runs on `{}`; nothing to do.",
+            display_path(&args.path),
+            args.event
+        );
+        return Ok(exit::SUCCESS);
+    }
+    if args.dry_run {
+        for workflow in &workflows {
+            print_plan(workflow, &args.jobs)?;
+        }
+        return Ok(exit::SUCCESS);
+    }
+
+    let dirs = Dirs::from_env();
+    let selection = select_backend(
+        settings.backend,
+        &BackendConfig {
+            runtime_dir: dirs.runtime.clone(),
+            data_dir: dirs.data.clone(),
+        },
+    )
+    .await
+    .map_err(|e| Exit::new(exit::INFRA, e))?;
+    let style = Style::detect();
+    if !selection.provider.isolates() {
+        eprintln!(
+            "warning: the {} backend does NOT isolate: workflow steps run directly on this host as \
+             your user ({})",
+            selection.provider.name(),
+            selection.reason
+        );
+    } else {
+        eprintln!("Backend {}: {}", selection.provider.name(), selection.reason);
+    }
+
+    // Only what git would commit is copied into the VM (no build output, no ignored files).
+    let staged = match &context.workspace {
+        Some(dir) => Some(
+            workspace::stage(dir)
+                .map_err(|e| Exit::new(exit::INFRA, anyhow!("Cannot stage {}: {e}", dir.display())))?,
+        ),
+        None => None,
+    };
+    let mut context = context;
+    context.workspace = staged.as_ref().map(|s| s.path().to_path_buf());
+
+    let sessions = SessionManager::new(
+        selection.provider.clone(),
+        SessionConfig {
+            max_sessions: settings.max_sessions,
+            on_limit: settings.on_limit,
+            ..SessionConfig::default()
+        },
+    );
+    let executor = WorkflowExecutor::new(sessions.clone());
+    let cancel = CancellationToken::new();
+    let abort = CancellationToken::new();
+    let interrupts = tokio::spawn(watch_interrupts(cancel.clone(), abort.clone()));
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<RunEvent>();
+    let json = args.json;
+    let renderer = tokio::spawn(async move {
+        let mut terminal = Terminal::new(style, json);
+        while let Some(event) = rx.recv().await {
+            terminal.event(&event);
+        }
+    });
+
+    let mut tasks = Vec::new();
+    for workflow in workflows {
+        let run_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let options = RunOptions {
+            run_id: run_id.clone(),
+            isolation: settings.isolation,
+            spec: settings.spec.clone(),
+            context: context.clone(),
+            only_jobs: args.jobs.clone(),
+            matrix_filter: matrix_filter.clone(),
+        };
+        let events = EventSink::new(run_id.clone(), tx.clone());
+        let executor = executor.clone();
+        let (cancel, abort) = (cancel.clone(), abort.clone());
+        tasks.push((
+            run_id,
+            tokio::spawn(async move {
+                tokio::select! {
+                    r = executor.execute(&workflow, &options, &events, &cancel) => Some(r),
+                    () = abort.cancelled() => None,
+                }
+            }),
+        ));
+    }
+    drop(tx);
+
+    let mut outcomes = Vec::new();
+    for (run_id, task) in tasks {
+        outcomes.push((run_id, task.await));
+    }
+    let _ = renderer.await;
+    interrupts.abort();
+    // Aborted runs release their sessions from the guards' drop; wait for that to finish.
+    wait_for_release(&sessions, Duration::from_secs(15)).await;
+    drop(staged);
+
+    let mut code = exit::SUCCESS;
+    let mut raise = |c: u8| {
+        let rank = |c: u8| match c {
+            exit::CANCELLED => 4,
+            exit::INFRA => 3,
+            exit::USAGE => 2,
+            exit::FAILURE => 1,
+            _ => 0,
+        };
+        if rank(c) > rank(code) {
+            code = c;
+        }
+    };
+    for (run_id, outcome) in outcomes {
+        match outcome {
+            Ok(Some(Ok(report))) => {
+                if !json {
+                    eprint!("{}", summary(style, &report, &run_id));
+                }
+                raise(match report.result {
+                    Conclusion::Success | Conclusion::Skipped => exit::SUCCESS,
+                    Conclusion::Failure => exit::FAILURE,
+                    Conclusion::Cancelled => exit::CANCELLED,
+                });
+            }
+            Ok(Some(Err(e))) => {
+                eprintln!("error: run {run_id}: {}", error_chain(&e));
+                raise(if e.is_user_error() { exit::USAGE } else { exit::INFRA });
+            }
+            Ok(None) => {
+                eprintln!("run {run_id}: stopped");
+                raise(exit::CANCELLED);
+            }
+            Err(join) => {
+                eprintln!("error: run {run_id} crashed: {join}; its VM was released");
+                raise(exit::INFRA);
+            }
+        }
+    }
+    if cancel.is_cancelled() {
+        raise(exit::CANCELLED);
+    }
+    Ok(code)
+}
+
+fn error_chain(e: &ExecError) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}
+
+async fn wait_for_release(sessions: &SessionManager, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while sessions.active_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// First Ctrl-C: cancel (running steps are killed, `always()` steps and cleanup still run).
+/// Second: stop at once (sessions are still released).
+async fn watch_interrupts(cancel: CancellationToken, abort: CancellationToken) {
+    if tokio::signal::ctrl_c().await.is_err() {
+        return;
+    }
+    eprintln!("\nCancelling: running steps are stopped, cleanup still runs. Ctrl-C again to stop at once.");
+    cancel.cancel();
+    if tokio::signal::ctrl_c().await.is_ok() {
+        eprintln!("\nStopping now; releasing VMs.");
+        abort.cancel();
+    }
+}
+
+fn run_context(args: &RunArgs) -> Result<RunContext, Exit> {
+    let workspace_dir = if args.path.is_dir() {
+        args.path.clone()
+    } else {
+        std::env::current_dir().map_err(|e| usage(anyhow!("No current directory: {e}")))?
+    };
+    let git = GitInfo::discover(&workspace_dir);
+    let mut context = RunContext::new(args.event.clone(), Some(workspace_dir), git);
+    if let Some(path) = &args.event_path {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| usage(anyhow!("Cannot read {}: {e}", path.display())))?;
+        context.event_payload = serde_json::from_str(&text)
+            .map_err(|e| usage(anyhow!("{}: invalid JSON: {e}", path.display())))?;
+    } else {
+        context.event_payload = default_payload(&context);
+    }
+    let mut secrets = IndexMap::new();
+    if let Some(path) = &args.secret_file {
+        secrets.extend(inputs::read_env_file(path).map_err(usage)?);
+    }
+    for s in &args.secrets {
+        let (k, v) = inputs::parse_pair("--secret", s, true).map_err(usage)?;
+        secrets.insert(k, v);
+    }
+    let mut vars = IndexMap::new();
+    if let Some(path) = &args.var_file {
+        vars.extend(inputs::read_env_file(path).map_err(usage)?);
+    }
+    for s in &args.vars {
+        let (k, v) = inputs::parse_pair("--var", s, false).map_err(usage)?;
+        vars.insert(k, v);
+    }
+    for s in &args.inputs {
+        let (k, v) = inputs::parse_pair("--input", s, false).map_err(usage)?;
+        context.inputs.insert(k, serde_json::Value::String(v));
+    }
+    if let Some(path) = &args.env_file {
+        context.env = inputs::read_env_file(path).map_err(usage)?;
+    }
+    context.secrets = secrets;
+    context.vars = vars;
+    Ok(context)
+}
+
+/// A minimal payload shaped like GitHub's for the event, so `github.event.*` lookups work.
+fn default_payload(context: &RunContext) -> serde_json::Value {
+    let git = &context.git;
+    let repository = serde_json::json!({
+        "full_name": git.repository,
+        "name": git.repository.split_once('/').map_or(git.repository.as_str(), |(_, n)| n),
+        "owner": { "login": git.owner() },
+        "default_branch": "main",
+    });
+    match context.event_name.as_str() {
+        "push" => serde_json::json!({
+            "ref": git.git_ref,
+            "after": git.sha,
+            "before": "0".repeat(40),
+            "repository": repository,
+            "head_commit": { "id": git.sha },
+        }),
+        "workflow_dispatch" => serde_json::json!({
+            "ref": git.git_ref,
+            "inputs": context.inputs,
+            "repository": repository,
+        }),
+        _ => serde_json::json!({ "repository": repository }),
+    }
+}
+
+fn print_plan(workflow: &Workflow, only: &[String]) -> Result<(), Exit> {
+    let levels = kiln_workflow::job_order(workflow).map_err(|e| usage(anyhow!("{e}")))?;
+    println!("{} ({})", workflow.display_name(), workflow.file);
+    for (stage, level) in levels.iter().enumerate() {
+        for job_id in level {
+            if !only.is_empty() && !only.contains(job_id) {
+                continue;
+            }
+            let Some(job) = workflow.jobs.get(job_id) else {
+                continue;
+            };
+            println!("  stage {stage}: job {job_id}");
+            for step in &job.steps {
+                let what = match &step.action {
+                    StepAction::Run { .. } => "run",
+                    StepAction::Uses { .. } => "uses",
+                    _ => "background (not supported yet)",
+                };
+                println!("    {}. [{what}] {}", step.index + 1, step.display_name());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `kiln doctor`.
+pub async fn doctor(_file: &FileConfig) -> Result<u8, Exit> {
+    let dirs = Dirs::from_env();
+    println!("data dir:    {}", dirs.data.display());
+    println!("runtime dir: {}", dirs.runtime.display());
+    let config = BackendConfig {
+        runtime_dir: dirs.runtime.clone(),
+        data_dir: dirs.data.clone(),
+    };
+    for kind in [
+        BackendKind::Auto,
+        BackendKind::Local,
+        BackendKind::Qemu,
+        BackendKind::Firecracker,
+    ] {
+        match select_backend(kind, &config).await {
+            Ok(s) => println!(
+                "{kind:<12} -> {} ({}){}",
+                s.provider.name(),
+                s.reason,
+                if s.provider.isolates() {
+                    ""
+                } else {
+                    " — no isolation"
+                }
+            ),
+            Err(e) => println!("{kind:<12} unavailable: {e}"),
+        }
+    }
+    Ok(exit::SUCCESS)
+}
+
+/// `kiln image ...`.
+pub async fn image(_file: &FileConfig, _cmd: ImageCommand) -> Result<u8, Exit> {
+    Err(usage(anyhow!(
+        "kiln image is not yet supported in this build"
+    )))
+}

@@ -1,0 +1,1615 @@
+//! The workflow executor: runs one workflow run in its session's VM.
+//!
+//! ```text
+//! execute(workflow)
+//!   check what kiln can run            (before any VM exists: unsupported features fail here)
+//!   create_session  -> one VM          (isolation = "workflow"; "job" makes one per job leg)
+//!   setup: workspace copied in, runner dirs, event payload
+//!   jobs in dependency order
+//!     job if: -> matrix legs -> steps:
+//!       if: -> env -> file-command files -> exec (streamed, masked) -> file commands read back
+//!     job outputs
+//!   cleanup: every process the run left behind is killed   (always)
+//!   release_session                                        (always, even on panic: the guard)
+//! ```
+//!
+//! Under `isolation = "workflow"` (the seed's model) every job runs in the one VM, one after the
+//! other, and shares the workspace. Under `isolation = "job"` each job leg gets its own session
+//! and the legs of a dependency level run concurrently, bounded by the session limit.
+
+pub mod commands;
+mod context;
+mod git;
+mod hash;
+mod shell;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indexmap::IndexMap;
+use kiln_vm::{ExecRequest, ExitStatus, Output, Stream, Vm, VmError, VmSpec};
+use kiln_workflow::{
+    BoolOrExpr, Condition, EvalContext, Job, JobStatus, MatrixLeg, NumberOrExpr, Step,
+    StepAction, Template, Value, Workflow,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::event::{Conclusion, EventKind, EventSink, LogStream};
+use crate::session::{SessionError, SessionGuard, SessionManager, SessionRequest};
+use commands::{Masker, parse_key_values, parse_path_file, parse_workflow_command};
+pub use context::RunContext;
+pub use git::GitInfo;
+
+/// GitHub's default job timeout.
+const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(360 * 60);
+
+/// How many VMs a run gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Isolation {
+    /// One VM for the whole run (the seed's model).
+    #[default]
+    Workflow,
+    /// One VM per job leg (GitHub's model).
+    Job,
+}
+
+impl std::str::FromStr for Isolation {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "workflow" => Ok(Isolation::Workflow),
+            "job" => Ok(Isolation::Job),
+            other => Err(format!(
+                "unknown isolation `{other}` (expected workflow or job)"
+            )),
+        }
+    }
+}
+
+/// Everything about one run that is not in the workflow file.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The run id (events' `run`).
+    pub run_id: String,
+    /// Session granularity.
+    pub isolation: Isolation,
+    /// What to ask the backend for.
+    pub spec: VmSpec,
+    /// The run's inputs: event, repository, secrets, variables.
+    pub context: RunContext,
+    /// Run only these jobs (and nothing else), as `-j` does.
+    pub only_jobs: Vec<String>,
+    /// Run only matrix legs whose values match all of these (`--matrix KEY:VALUE`).
+    pub matrix_filter: Vec<(String, String)>,
+}
+
+/// A step's result, for the summary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReport {
+    /// Display name.
+    pub name: String,
+    /// Result before `continue-on-error`.
+    pub outcome: Conclusion,
+    /// Result after `continue-on-error`.
+    pub conclusion: Conclusion,
+    /// Exit code, when the step ran and exited.
+    pub exit_code: Option<i32>,
+    /// Wall time.
+    pub duration: Duration,
+    /// Why it failed, when kiln (not the step's command) decided so.
+    pub error: Option<String>,
+}
+
+/// A job leg's result, for the summary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobReport {
+    /// Job id.
+    pub id: String,
+    /// Display name with matrix suffix.
+    pub name: String,
+    /// Result.
+    pub result: Conclusion,
+    /// Wall time.
+    pub duration: Duration,
+    /// Its steps.
+    pub steps: Vec<StepReport>,
+    /// Evaluated outputs.
+    pub outputs: IndexMap<String, String>,
+    /// What steps wrote to `GITHUB_STEP_SUMMARY`.
+    pub summary: String,
+}
+
+/// A run's result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunReport {
+    /// Workflow display name.
+    pub workflow: String,
+    /// Result.
+    pub result: Conclusion,
+    /// Wall time.
+    pub duration: Duration,
+    /// VMs allocated.
+    pub vm_allocations: usize,
+    /// Job legs in the order they ran.
+    pub jobs: Vec<JobReport>,
+}
+
+/// Errors that stop a run before or outside its steps.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The workflow uses something kiln cannot run yet. Nothing was allocated.
+    #[error("{workflow} cannot run yet:\n{}", .problems.join("\n"))]
+    Unsupported {
+        /// Workflow file.
+        workflow: String,
+        /// One line per problem, each with `file:line:col`.
+        problems: Vec<String>,
+    },
+    /// The job graph is invalid.
+    #[error("Invalid job graph in {workflow}")]
+    Graph {
+        /// Workflow file.
+        workflow: String,
+        /// The graph error.
+        #[source]
+        source: kiln_workflow::GraphError,
+    },
+    /// No session could be had.
+    #[error("No session for run {run}")]
+    Session {
+        /// Run id.
+        run: String,
+        /// Why.
+        #[source]
+        source: SessionError,
+    },
+    /// Setting up the VM failed.
+    #[error("Setting up VM {vm} failed")]
+    Setup {
+        /// VM id.
+        vm: String,
+        /// Why.
+        #[source]
+        source: VmError,
+    },
+}
+
+impl ExecError {
+    /// Whether this is the user's workflow's fault (exit code 2) rather than the host's (3).
+    pub fn is_user_error(&self) -> bool {
+        matches!(self, ExecError::Unsupported { .. } | ExecError::Graph { .. })
+            || matches!(
+                self,
+                ExecError::Session {
+                    source: SessionError::LimitReached { .. },
+                    ..
+                }
+            )
+    }
+}
+
+/// Runs workflows in sessions.
+#[derive(Clone)]
+pub struct WorkflowExecutor {
+    sessions: SessionManager,
+}
+
+/// Per-run state shared by its jobs.
+struct RunState<'a> {
+    workflow: &'a Workflow,
+    options: &'a RunOptions,
+    events: &'a EventSink,
+    cancel: &'a CancellationToken,
+    allocations: std::sync::atomic::AtomicUsize,
+}
+
+/// The part of a job leg's state that steps change.
+struct LegState {
+    env: IndexMap<String, String>,
+    path: Vec<String>,
+    steps: IndexMap<String, Value>,
+    status: JobStatus,
+    masker: Masker,
+    summary: String,
+}
+
+/// Where the runner's files live inside a VM.
+#[derive(Debug, Clone)]
+struct Layout {
+    workspace: String,
+    temp: String,
+    tool_cache: String,
+    home: String,
+    file_commands: String,
+    event_path: String,
+}
+
+impl Layout {
+    fn new(root: &str) -> Layout {
+        Layout {
+            workspace: format!("{root}/workspace"),
+            temp: format!("{root}/temp"),
+            tool_cache: format!("{root}/tool-cache"),
+            home: format!("{root}/home"),
+            file_commands: format!("{root}/temp/_runner_file_commands"),
+            event_path: format!("{root}/temp/_github_workflow/event.json"),
+        }
+    }
+}
+
+/// A session with its VM set up for a run.
+struct Prepared {
+    guard: SessionGuard,
+    layout: Layout,
+    base_path: String,
+}
+
+impl WorkflowExecutor {
+    /// An executor that takes its sessions from `sessions`.
+    pub fn new(sessions: SessionManager) -> WorkflowExecutor {
+        WorkflowExecutor { sessions }
+    }
+
+    /// The session manager.
+    pub fn sessions(&self) -> &SessionManager {
+        &self.sessions
+    }
+
+    /// Runs `workflow`. Step failures are a [`RunReport`] with `result = failure`; an
+    /// [`ExecError`] means the run could not be carried out at all.
+    ///
+    /// Cancelling `cancel` stops the running step and skips the rest, except steps whose `if:`
+    /// asks for `always()` or `cancelled()`. Dropping the returned future releases every
+    /// session the run holds.
+    pub async fn execute(
+        &self,
+        workflow: &Workflow,
+        options: &RunOptions,
+        events: &EventSink,
+        cancel: &CancellationToken,
+    ) -> Result<RunReport, ExecError> {
+        let started = Instant::now();
+        let name = workflow.display_name().to_owned();
+        check_supported(workflow, &options.only_jobs)?;
+        let levels = kiln_workflow::job_order(workflow).map_err(|source| ExecError::Graph {
+            workflow: workflow.file.to_string(),
+            source,
+        })?;
+        events.emit(EventKind::RunStarted {
+            workflow: name.clone(),
+            file: workflow.file.to_string(),
+            event: options.context.event_name.clone(),
+        });
+        info!("Starting workflow '{name}' (run {})", options.run_id);
+        let state = RunState {
+            workflow,
+            options,
+            events,
+            cancel,
+            allocations: Default::default(),
+        };
+        let outcome = match options.isolation {
+            Isolation::Workflow => self.run_in_one_session(&state, &levels).await,
+            Isolation::Job => self.run_session_per_job(&state, &levels).await,
+        };
+        let elapsed = started.elapsed();
+        let vm_allocations = state
+            .allocations
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let jobs = match outcome {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                error!("Workflow '{name}' failed in {} ms: {e}", elapsed.as_millis());
+                events.emit(EventKind::RunFinished {
+                    workflow: name,
+                    result: Conclusion::Failure,
+                    duration_ms: millis(elapsed),
+                    vm_allocations,
+                });
+                return Err(e);
+            }
+        };
+        let result = run_result(&jobs, cancel.is_cancelled());
+        if result == Conclusion::Success {
+            info!(
+                "Workflow '{name}' completed successfully in {} ms",
+                elapsed.as_millis()
+            );
+        } else {
+            info!("Workflow '{name}' failed in {} ms ({result})", elapsed.as_millis());
+        }
+        events.emit(EventKind::RunFinished {
+            workflow: name.clone(),
+            result,
+            duration_ms: millis(elapsed),
+            vm_allocations,
+        });
+        Ok(RunReport {
+            workflow: name,
+            result,
+            duration: elapsed,
+            vm_allocations,
+            jobs,
+        })
+    }
+
+    async fn run_in_one_session(
+        &self,
+        state: &RunState<'_>,
+        levels: &[Vec<String>],
+    ) -> Result<Vec<JobReport>, ExecError> {
+        let session_id = state.options.run_id.clone();
+        let prepared = self.open_session(state, session_id).await?;
+        let mut needs: HashMap<String, NeedResult> = HashMap::new();
+        let mut reports = Vec::new();
+        for level in levels {
+            for job_id in level {
+                let Some(job) = state.workflow.jobs.get(job_id) else {
+                    continue;
+                };
+                if !selected(job_id, &state.options.only_jobs) {
+                    continue;
+                }
+                let legs = self
+                    .run_job(state, job_id, job, &needs, Some(&prepared))
+                    .await?;
+                needs.insert(job_id.clone(), NeedResult::from_legs(&legs));
+                reports.extend(legs);
+            }
+        }
+        self.close_session(state, prepared).await;
+        Ok(reports)
+    }
+
+    async fn run_session_per_job(
+        &self,
+        state: &RunState<'_>,
+        levels: &[Vec<String>],
+    ) -> Result<Vec<JobReport>, ExecError> {
+        let mut needs: HashMap<String, NeedResult> = HashMap::new();
+        let mut reports = Vec::new();
+        for level in levels {
+            let jobs: Vec<(&String, &Job)> = level
+                .iter()
+                .filter(|id| selected(id, &state.options.only_jobs))
+                .filter_map(|id| state.workflow.jobs.get_key_value(id.as_str()))
+                .collect();
+            // The jobs of one level are independent: run them concurrently; the session limit
+            // bounds how many VMs exist at once.
+            let runs = jobs
+                .iter()
+                .map(|(id, job)| self.run_job(state, id, job, &needs, None));
+            let results = futures_join_all(runs).await;
+            for ((id, _), result) in jobs.iter().zip(results) {
+                let legs = result?;
+                needs.insert((*id).clone(), NeedResult::from_legs(&legs));
+                reports.extend(legs);
+            }
+        }
+        Ok(reports)
+    }
+
+    async fn open_session(
+        &self,
+        state: &RunState<'_>,
+        session_id: String,
+    ) -> Result<Prepared, ExecError> {
+        let request = SessionRequest {
+            session_id,
+            run_id: state.options.run_id.clone(),
+            workflow: state.workflow.display_name().to_owned(),
+            spec: state.options.spec.clone(),
+        };
+        let guard = self
+            .sessions
+            .create_session(request)
+            .await
+            .map_err(|source| ExecError::Session {
+                run: state.options.run_id.clone(),
+                source,
+            })?;
+        state
+            .allocations
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        state.events.emit(EventKind::SessionAllocated {
+            session: guard.id().to_owned(),
+            vm: guard.vm_id().to_owned(),
+            backend: guard.vm().backend().to_owned(),
+            allocation_ms: millis(guard.allocation_time()),
+            workflow: state.workflow.display_name().to_owned(),
+            source: "cold".to_owned(),
+        });
+        let vm = guard.vm().clone();
+        let layout = Layout::new(vm.work_root());
+        match setup(&*vm, &layout, &state.options.context).await {
+            Ok(base_path) => Ok(Prepared {
+                guard,
+                layout,
+                base_path,
+            }),
+            Err(source) => {
+                let vm_id = guard.vm_id().to_owned();
+                self.close_session(
+                    state,
+                    Prepared {
+                        guard,
+                        layout,
+                        base_path: String::new(),
+                    },
+                )
+                .await;
+                Err(ExecError::Setup { vm: vm_id, source })
+            }
+        }
+    }
+
+    /// Cleanup and release. Errors are logged: the run's result is already decided.
+    async fn close_session(&self, state: &RunState<'_>, prepared: Prepared) {
+        let vm = prepared.guard.vm().clone();
+        if let Err(e) = vm.kill_all().await {
+            tracing::warn!(vm = vm.id(), "cleanup failed: {e}");
+        }
+        let session = prepared.guard.id().to_owned();
+        let vm_id = prepared.guard.vm_id().to_owned();
+        if let Err(e) = self.sessions.release_session(prepared.guard).await {
+            error!(vm = %vm_id, "release of session {session} failed: {e}");
+        }
+        state.events.emit(EventKind::SessionReleased {
+            session,
+            vm: vm_id,
+        });
+    }
+
+    /// Runs every leg of one job. With `shared`, in that session; otherwise each leg gets its
+    /// own.
+    async fn run_job(
+        &self,
+        state: &RunState<'_>,
+        job_id: &str,
+        job: &Job,
+        needs: &HashMap<String, NeedResult>,
+        shared: Option<&Prepared>,
+    ) -> Result<Vec<JobReport>, ExecError> {
+        let needs_ctx = context::needs_context(job, needs);
+        let needs_status = needs_status(job, needs, state.cancel.is_cancelled());
+        let base = state.options.context.base_contexts(state.workflow, job_id);
+        let mut ctx_map = base.clone();
+        ctx_map.insert("needs".into(), needs_ctx.clone());
+        let host = StaticHost::new(needs_status);
+
+        // Job-level `if:` sees needs, not matrix or steps.
+        let run_it = match &job.if_cond {
+            Some(cond) => eval_condition(cond, &ctx_map, &host),
+            None => Ok(needs_status == JobStatus::Success),
+        };
+        match run_it {
+            Ok(true) => {}
+            Ok(false) => return Ok(vec![self.skip_job(state, job_id, job, &ctx_map, &host)]),
+            Err(message) => return Ok(vec![self.job_error(state, job_id, job, &message)]),
+        }
+        let legs = match context::matrix_legs(job, &ctx_map, &host, &state.options.matrix_filter) {
+            Ok(legs) if legs.is_empty() => {
+                return Ok(vec![self.skip_job(state, job_id, job, &ctx_map, &host)]);
+            }
+            Ok(legs) => legs,
+            Err(message) => return Ok(vec![self.job_error(state, job_id, job, &message)]),
+        };
+
+        let fail_fast = match &job.strategy {
+            Some(strategy) => eval_bool(&strategy.fail_fast, &ctx_map, &host).unwrap_or(true),
+            None => true,
+        };
+        let total = legs.len();
+        let mut reports = Vec::new();
+        let leg_cancel = state.cancel.child_token();
+        match shared {
+            Some(prepared) => {
+                for (index, leg) in legs.iter().enumerate() {
+                    let report = self
+                        .run_leg(state, job_id, job, leg, (index, total), &ctx_map, prepared, &leg_cancel)
+                        .await;
+                    if fail_fast && report.result == Conclusion::Failure && total > 1 {
+                        leg_cancel.cancel();
+                    }
+                    reports.push(report);
+                }
+            }
+            None => {
+                let runs = legs.iter().enumerate().map(|(index, leg)| {
+                    let ctx_map = &ctx_map;
+                    let leg_cancel = &leg_cancel;
+                    async move {
+                        let session_id = if total > 1 {
+                            format!("{}-{job_id}-{}", state.options.run_id, index + 1)
+                        } else {
+                            format!("{}-{job_id}", state.options.run_id)
+                        };
+                        let prepared = self.open_session(state, session_id).await?;
+                        let report = self
+                            .run_leg(state, job_id, job, leg, (index, total), ctx_map, &prepared, leg_cancel)
+                            .await;
+                        if fail_fast && report.result == Conclusion::Failure && total > 1 {
+                            leg_cancel.cancel();
+                        }
+                        self.close_session(state, prepared).await;
+                        Ok::<_, ExecError>(report)
+                    }
+                });
+                for result in futures_join_all(runs).await {
+                    reports.push(result?);
+                }
+            }
+        }
+        Ok(reports)
+    }
+
+    fn skip_job(
+        &self,
+        state: &RunState<'_>,
+        job_id: &str,
+        job: &Job,
+        ctx_map: &IndexMap<String, Value>,
+        host: &StaticHost,
+    ) -> JobReport {
+        let name = job_display_name(job_id, job, &MatrixLeg::default(), ctx_map, host);
+        state.events.emit(EventKind::JobStarted {
+            job: job_id.to_owned(),
+            name: name.clone(),
+        });
+        state.events.emit(EventKind::JobFinished {
+            job: job_id.to_owned(),
+            name: name.clone(),
+            result: Conclusion::Skipped,
+            outputs: IndexMap::new(),
+        });
+        JobReport {
+            id: job_id.to_owned(),
+            name,
+            result: Conclusion::Skipped,
+            duration: Duration::ZERO,
+            steps: Vec::new(),
+            outputs: IndexMap::new(),
+            summary: String::new(),
+        }
+    }
+
+    fn job_error(&self, state: &RunState<'_>, job_id: &str, job: &Job, message: &str) -> JobReport {
+        let name = job
+            .name
+            .as_ref()
+            .map(|n| n.source().to_owned())
+            .unwrap_or_else(|| job_id.to_owned());
+        state.events.emit(EventKind::JobStarted {
+            job: job_id.to_owned(),
+            name: name.clone(),
+        });
+        state.events.emit(EventKind::Log {
+            job: job_id.to_owned(),
+            step: None,
+            stream: LogStream::Stderr,
+            line: format!("Error: {message}"),
+        });
+        state.events.emit(EventKind::JobFinished {
+            job: job_id.to_owned(),
+            name: name.clone(),
+            result: Conclusion::Failure,
+            outputs: IndexMap::new(),
+        });
+        JobReport {
+            id: job_id.to_owned(),
+            name,
+            result: Conclusion::Failure,
+            duration: Duration::ZERO,
+            steps: Vec::new(),
+            outputs: IndexMap::new(),
+            summary: String::new(),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_leg(
+        &self,
+        state: &RunState<'_>,
+        job_id: &str,
+        job: &Job,
+        leg: &MatrixLeg,
+        (index, total): (usize, usize),
+        base: &IndexMap<String, Value>,
+        prepared: &Prepared,
+        cancel: &CancellationToken,
+    ) -> JobReport {
+        let started = Instant::now();
+        let vm = prepared.guard.vm().clone();
+        let mut ctx_map = base.clone();
+        ctx_map.insert("matrix".into(), context::matrix_value(leg));
+        ctx_map.insert(
+            "strategy".into(),
+            context::strategy_value(job, index, total),
+        );
+        ctx_map.insert(
+            "runner".into(),
+            context::runner_value(&prepared.layout.temp, &prepared.layout.tool_cache, vm.id()),
+        );
+        let host = StaticHost::new(JobStatus::Success);
+        let name = job_display_name(job_id, job, leg, &ctx_map, &host);
+        state.events.emit(EventKind::JobStarted {
+            job: job_id.to_owned(),
+            name: name.clone(),
+        });
+        let mut leg_state = LegState {
+            env: IndexMap::new(),
+            path: Vec::new(),
+            steps: IndexMap::new(),
+            status: JobStatus::Success,
+            masker: Masker::default(),
+            summary: String::new(),
+        };
+        for secret in state.options.context.secrets.values() {
+            leg_state.masker.add(secret);
+        }
+        let job_timeout = job
+            .timeout_minutes
+            .as_ref()
+            .and_then(|t| eval_minutes(t, &ctx_map, &host))
+            .unwrap_or(DEFAULT_JOB_TIMEOUT);
+        let deadline = tokio::time::Instant::now() + job_timeout;
+
+        let mut steps = Vec::new();
+        let total_steps = job.steps.len();
+        for step in &job.steps {
+            if cancel.is_cancelled() && leg_state.status != JobStatus::Cancelled {
+                leg_state.status = JobStatus::Cancelled;
+            }
+            let report = self
+                .run_step(
+                    state,
+                    job_id,
+                    job,
+                    step,
+                    total_steps,
+                    &vm,
+                    prepared,
+                    &mut ctx_map,
+                    &mut leg_state,
+                    cancel,
+                    deadline,
+                )
+                .await;
+            if report.conclusion == Conclusion::Failure {
+                leg_state.status = JobStatus::Failure;
+            }
+            if report.outcome == Conclusion::Cancelled {
+                leg_state.status = JobStatus::Cancelled;
+            }
+            steps.push(report);
+        }
+
+        // Outputs see the final steps context.
+        ctx_map.insert("steps".into(), Value::Object(leg_state.steps.clone()));
+        let out_host = StaticHost::new(leg_state.status);
+        let mut outputs = IndexMap::new();
+        for (key, template) in &job.outputs {
+            match eval_string(template, &ctx_map, &out_host) {
+                Ok(value) => {
+                    outputs.insert(key.clone(), value);
+                }
+                Err(e) => state.events.emit(EventKind::Log {
+                    job: job_id.to_owned(),
+                    step: None,
+                    stream: LogStream::Stderr,
+                    line: format!("Error: output `{key}`: {e}"),
+                }),
+            }
+        }
+        let mut result = match leg_state.status {
+            JobStatus::Success => Conclusion::Success,
+            JobStatus::Failure => Conclusion::Failure,
+            JobStatus::Cancelled => Conclusion::Cancelled,
+        };
+        if result == Conclusion::Failure
+            && eval_bool(&job.continue_on_error, &ctx_map, &out_host).unwrap_or(false)
+        {
+            result = Conclusion::Success;
+        }
+        state.events.emit(EventKind::JobFinished {
+            job: job_id.to_owned(),
+            name: name.clone(),
+            result,
+            outputs: outputs.clone(),
+        });
+        JobReport {
+            id: job_id.to_owned(),
+            name,
+            result,
+            duration: started.elapsed(),
+            steps,
+            outputs,
+            summary: leg_state.summary,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_step(
+        &self,
+        state: &RunState<'_>,
+        job_id: &str,
+        job: &Job,
+        step: &Step,
+        total_steps: usize,
+        vm: &Arc<dyn Vm>,
+        prepared: &Prepared,
+        ctx_map: &mut IndexMap<String, Value>,
+        leg: &mut LegState,
+        cancel: &CancellationToken,
+        deadline: tokio::time::Instant,
+    ) -> StepReport {
+        let started = Instant::now();
+        let layout = &prepared.layout;
+        let host = StaticHost::for_step(leg.status, &**vm, layout);
+        // The env context: --env-file < workflow < job < GITHUB_ENV.
+        let mut env = state.options.context.env.clone();
+        ctx_map.insert("steps".into(), Value::Object(leg.steps.clone()));
+        for (k, t) in state.workflow.env.iter().chain(job.env.iter()) {
+            ctx_map.insert("env".into(), string_map_value(&env));
+            match eval_string(t, ctx_map, &host) {
+                Ok(v) => {
+                    env.insert(k.clone(), v);
+                }
+                Err(e) => return self.step_error(state, job_id, step, vm, started, &e),
+            }
+        }
+        env.extend(leg.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        ctx_map.insert("env".into(), string_map_value(&env));
+        ctx_map.insert("job".into(), context::job_value(leg.status));
+
+        let name = match &step.name {
+            Some(t) => eval_string(t, ctx_map, &host).unwrap_or_else(|_| step.display_name()),
+            None => step.display_name(),
+        };
+        let id = step.id.as_ref().map(|s| s.value.clone());
+        info!(
+            "Executing step {}/{total_steps}: {name}",
+            step.index + 1
+        );
+        state.events.emit(EventKind::StepStarted {
+            job: job_id.to_owned(),
+            step: step.index,
+            id: id.clone(),
+            name: name.clone(),
+            vm: vm.id().to_owned(),
+        });
+
+        let run_it = match &step.if_cond {
+            Some(cond) => eval_condition(cond, ctx_map, &host),
+            None => Ok(leg.status == JobStatus::Success),
+        };
+        let run_it = match run_it {
+            Ok(r) => r,
+            Err(e) => return self.finish_failed(state, job_id, step, &name, vm, leg, started, e),
+        };
+        if !run_it {
+            let report = StepReport {
+                name: name.clone(),
+                outcome: Conclusion::Skipped,
+                conclusion: Conclusion::Skipped,
+                exit_code: None,
+                duration: Duration::ZERO,
+                error: None,
+            };
+            self.record_step(state, job_id, step, vm, leg, &report, IndexMap::new());
+            return report;
+        }
+
+        // The step's own env sees the env context above.
+        for (k, t) in &step.env {
+            match eval_string(t, ctx_map, &host) {
+                Ok(v) => {
+                    env.insert(k.clone(), v);
+                }
+                Err(e) => return self.finish_failed(state, job_id, step, &name, vm, leg, started, e),
+            }
+        }
+        ctx_map.insert("env".into(), string_map_value(&env));
+
+        let plan = match self.step_command(state, job, step, ctx_map, &host, layout) {
+            Ok(plan) => plan,
+            Err(e) => return self.finish_failed(state, job_id, step, &name, vm, leg, started, e),
+        };
+        let StepCommand::Exec { command, cwd } = plan else {
+            // Handled natively (actions/checkout); nothing ran in the VM.
+            let report = StepReport {
+                name,
+                outcome: Conclusion::Success,
+                conclusion: Conclusion::Success,
+                exit_code: None,
+                duration: started.elapsed(),
+                error: None,
+            };
+            self.record_step(state, job_id, step, vm, leg, &report, IndexMap::new());
+            return report;
+        };
+
+        // Fresh file-command files for this step.
+        let files = FileCommandPaths::new(layout, step.index);
+        for path in files.all() {
+            if let Err(e) = vm.write_file(path, b"").await {
+                return self.finish_failed(state, job_id, step, &name, vm, leg, started, e.to_string());
+            }
+        }
+        let mut exec_env = context::default_env(
+            &state.options.context,
+            state.workflow,
+            job_id,
+            step,
+            layout,
+            vm.id(),
+        );
+        exec_env.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        exec_env.insert("GITHUB_ENV".into(), files.env.clone());
+        exec_env.insert("GITHUB_OUTPUT".into(), files.output.clone());
+        exec_env.insert("GITHUB_PATH".into(), files.path.clone());
+        exec_env.insert("GITHUB_STATE".into(), files.state.clone());
+        exec_env.insert("GITHUB_STEP_SUMMARY".into(), files.summary.clone());
+        if !leg.path.is_empty() {
+            let mut path: Vec<&str> = leg.path.iter().rev().map(String::as_str).collect();
+            path.push(&prepared.base_path);
+            exec_env.insert("PATH".into(), path.join(":"));
+        }
+        let step_timeout = step
+            .timeout_minutes
+            .as_ref()
+            .and_then(|t| eval_minutes(t, ctx_map, &host));
+        let now = tokio::time::Instant::now();
+        let left = deadline.saturating_duration_since(now);
+        let timeout = Some(step_timeout.map_or(left, |t| t.min(left)));
+        let request = ExecRequest {
+            command,
+            env: exec_env.into_iter().collect(),
+            cwd: Some(cwd),
+            timeout,
+        };
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        let pump = tokio::spawn(pump_output(
+            rx,
+            state.events.clone(),
+            job_id.to_owned(),
+            step.index,
+            leg.masker.clone(),
+        ));
+        let exec = vm.exec(request, tx);
+        let result = tokio::select! {
+            r = exec => Some(r),
+            () = cancel.cancelled() => None,
+        };
+        let pumped = pump.await.unwrap_or_default();
+        leg.masker = pumped.masker;
+
+        let (outcome, exit_code, error) = match result {
+            None => (Conclusion::Cancelled, None, Some("cancelled".to_owned())),
+            Some(Err(e)) => (Conclusion::Failure, None, Some(e.to_string())),
+            Some(Ok(o)) => match o.status {
+                ExitStatus::Exited(0) => (Conclusion::Success, Some(0), None),
+                ExitStatus::Exited(code) => (
+                    Conclusion::Failure,
+                    Some(code),
+                    Some(format!("Process completed with exit code {code}.")),
+                ),
+                ExitStatus::Signaled(sig) => (
+                    Conclusion::Failure,
+                    None,
+                    Some(format!("Process was killed by signal {sig}.")),
+                ),
+                ExitStatus::TimedOut => {
+                    let minutes = timeout.map_or(0.0, |t| t.as_secs_f64() / 60.0);
+                    (
+                        Conclusion::Failure,
+                        None,
+                        Some(format!(
+                            "The step exceeded its time limit of {minutes:.1} minutes and was killed."
+                        )),
+                    )
+                }
+            },
+        };
+
+        // File commands are read back even after a failure, as GitHub does.
+        let mut outputs = pumped.outputs;
+        let mut file_error = None;
+        if outcome != Conclusion::Cancelled {
+            match read_file_commands(&**vm, &files).await {
+                Ok(fc) => {
+                    for (k, v) in fc.env {
+                        leg.env.insert(k, v);
+                    }
+                    leg.path.extend(fc.path);
+                    outputs.extend(fc.outputs);
+                    leg.summary.push_str(&fc.summary);
+                }
+                Err(e) => file_error = Some(e),
+            }
+        }
+        let (outcome, error) = match (outcome, file_error) {
+            (Conclusion::Success, Some(e)) => (Conclusion::Failure, Some(e)),
+            (o, fe) => (o, error.or(fe)),
+        };
+        if let Some(message) = &error {
+            state.events.emit(EventKind::Log {
+                job: job_id.to_owned(),
+                step: Some(step.index),
+                stream: LogStream::Stderr,
+                line: format!("Error: {}", leg.masker.mask(message)),
+            });
+        }
+        let conclusion = if outcome == Conclusion::Failure
+            && eval_bool(&step.continue_on_error, ctx_map, &host).unwrap_or(false)
+        {
+            Conclusion::Success
+        } else {
+            outcome
+        };
+        let report = StepReport {
+            name,
+            outcome,
+            conclusion,
+            exit_code,
+            duration: started.elapsed(),
+            error,
+        };
+        self.record_step(state, job_id, step, vm, leg, &report, outputs);
+        report
+    }
+
+    fn step_command(
+        &self,
+        state: &RunState<'_>,
+        job: &Job,
+        step: &Step,
+        ctx: &IndexMap<String, Value>,
+        host: &StaticHost,
+        layout: &Layout,
+    ) -> Result<StepCommand, String> {
+        match &step.action {
+            StepAction::Run {
+                script,
+                shell,
+                working_directory,
+            } => {
+                let script = eval_string(script, ctx, host)?;
+                let shell = shell
+                    .as_ref()
+                    .map(|s| s.value.as_str())
+                    .or(job.defaults.run.shell.as_ref().map(|s| s.value.as_str()))
+                    .or(state
+                        .workflow
+                        .defaults
+                        .run
+                        .shell
+                        .as_ref()
+                        .map(|s| s.value.as_str()));
+                let dir = match working_directory
+                    .as_ref()
+                    .or(job.defaults.run.working_directory.as_ref())
+                    .or(state.workflow.defaults.run.working_directory.as_ref())
+                {
+                    Some(t) => Some(eval_string(t, ctx, host)?),
+                    None => None,
+                };
+                let command = shell::command(shell, script)?;
+                Ok(StepCommand::Exec {
+                    command,
+                    cwd: resolve_dir(&layout.workspace, dir.as_deref()),
+                })
+            }
+            StepAction::Uses { uses, .. } if is_checkout(&uses.value) => Ok(StepCommand::Native),
+            StepAction::Uses { uses, .. } => Err(format!(
+                "`uses: {}` is not supported yet: kiln runs `run:` steps and actions/checkout",
+                uses.value
+            )),
+            other => Err(unsupported_step(other).unwrap_or_default()),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish_failed(
+        &self,
+        state: &RunState<'_>,
+        job_id: &str,
+        step: &Step,
+        name: &str,
+        vm: &Arc<dyn Vm>,
+        leg: &mut LegState,
+        started: Instant,
+        message: impl Into<String>,
+    ) -> StepReport {
+        let message = message.into();
+        state.events.emit(EventKind::Log {
+            job: job_id.to_owned(),
+            step: Some(step.index),
+            stream: LogStream::Stderr,
+            line: format!("Error: {}", leg.masker.mask(&message)),
+        });
+        let report = StepReport {
+            name: name.to_owned(),
+            outcome: Conclusion::Failure,
+            conclusion: Conclusion::Failure,
+            exit_code: None,
+            duration: started.elapsed(),
+            error: Some(message),
+        };
+        self.record_step(state, job_id, step, vm, leg, &report, IndexMap::new());
+        report
+    }
+
+    fn step_error(
+        &self,
+        state: &RunState<'_>,
+        job_id: &str,
+        step: &Step,
+        vm: &Arc<dyn Vm>,
+        started: Instant,
+        message: &str,
+    ) -> StepReport {
+        let name = step.display_name();
+        state.events.emit(EventKind::StepStarted {
+            job: job_id.to_owned(),
+            step: step.index,
+            id: step.id.as_ref().map(|s| s.value.clone()),
+            name: name.clone(),
+            vm: vm.id().to_owned(),
+        });
+        let mut leg = LegState {
+            env: IndexMap::new(),
+            path: Vec::new(),
+            steps: IndexMap::new(),
+            status: JobStatus::Failure,
+            masker: Masker::default(),
+            summary: String::new(),
+        };
+        self.finish_failed(state, job_id, step, &name, vm, &mut leg, started, message)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record_step(
+        &self,
+        state: &RunState<'_>,
+        job_id: &str,
+        step: &Step,
+        vm: &Arc<dyn Vm>,
+        leg: &mut LegState,
+        report: &StepReport,
+        outputs: IndexMap<String, String>,
+    ) {
+        if let Some(id) = &step.id {
+            leg.steps.insert(
+                id.value.clone(),
+                context::step_value(&outputs, report.outcome, report.conclusion),
+            );
+        }
+        state.events.emit(EventKind::StepFinished {
+            job: job_id.to_owned(),
+            step: step.index,
+            id: step.id.as_ref().map(|s| s.value.clone()),
+            name: report.name.clone(),
+            vm: vm.id().to_owned(),
+            outcome: report.outcome,
+            conclusion: report.conclusion,
+            exit_code: report.exit_code,
+            outputs,
+            duration_ms: millis(report.duration),
+        });
+    }
+}
+
+enum StepCommand {
+    Exec {
+        command: kiln_vm::Command,
+        cwd: String,
+    },
+    Native,
+}
+
+fn is_checkout(uses: &str) -> bool {
+    uses.split('@')
+        .next()
+        .is_some_and(|name| name.eq_ignore_ascii_case("actions/checkout"))
+}
+
+/// Refuses, before any VM exists, what kiln cannot run yet.
+fn check_supported(workflow: &Workflow, only_jobs: &[String]) -> Result<(), ExecError> {
+    let mut problems = Vec::new();
+    for job_id in only_jobs {
+        if !workflow.jobs.contains_key(job_id) {
+            let known: Vec<&str> = workflow.jobs.keys().map(String::as_str).collect();
+            problems.push(format!(
+                "{}: no job `{job_id}` (jobs: {})",
+                workflow.file,
+                known.join(", ")
+            ));
+        }
+    }
+    for (id, job) in &workflow.jobs {
+        if !selected(id, only_jobs) {
+            continue;
+        }
+        if let Some(uses) = &job.uses {
+            problems.push(format!(
+                "{}: job `{id}` calls the reusable workflow `{}`, which kiln does not run yet",
+                uses.span, uses.value
+            ));
+        }
+        if let Some(container) = &job.container {
+            problems.push(format!(
+                "{}: job `{id}` asks for a `container:`, which kiln does not run yet",
+                container.span
+            ));
+        }
+        if let Some(services) = &job.services {
+            problems.push(format!(
+                "{}: job `{id}` asks for `services:`, which kiln does not run yet",
+                services.span
+            ));
+        }
+        for step in &job.steps {
+            if let StepAction::Uses { uses, .. } = &step.action {
+                if !is_checkout(&uses.value) {
+                    problems.push(format!(
+                        "{}: step `{}` of job `{id}` uses the action `{}`; kiln runs only `run:` \
+                         steps and actions/checkout so far",
+                        uses.span,
+                        step.display_name(),
+                        uses.value
+                    ));
+                }
+            }
+            if let Some(what) = unsupported_step(&step.action) {
+                problems.push(format!(
+                    "{}: step `{}` of job `{id}`: {what}",
+                    step.span,
+                    step.display_name()
+                ));
+            }
+            if let StepAction::Run {
+                shell: Some(shell), ..
+            } = &step.action
+            {
+                if let Err(e) = shell::command(Some(&shell.value), String::new()) {
+                    problems.push(format!("{}: {e}", shell.span));
+                }
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ExecError::Unsupported {
+            workflow: workflow.file.to_string(),
+            problems,
+        })
+    }
+}
+
+/// Background-step keys (`wait`, `wait-all`, `cancel`, `parallel`) are parsed but not run yet.
+fn unsupported_step(action: &StepAction) -> Option<String> {
+    let key = match action {
+        StepAction::Run { .. } | StepAction::Uses { .. } => return None,
+        StepAction::Wait { .. } => "wait",
+        StepAction::WaitAll => "wait-all",
+        StepAction::Cancel { .. } => "cancel",
+        StepAction::Parallel { .. } => "parallel",
+    };
+    Some(format!("`{key}:` steps are not supported yet"))
+}
+
+fn selected(job_id: &str, only: &[String]) -> bool {
+    only.is_empty() || only.iter().any(|j| j == job_id)
+}
+
+/// A needed job's result as later jobs see it.
+#[derive(Debug, Clone)]
+pub(crate) struct NeedResult {
+    result: Conclusion,
+    outputs: IndexMap<String, String>,
+}
+
+impl NeedResult {
+    fn from_legs(legs: &[JobReport]) -> NeedResult {
+        let result = if legs.iter().any(|l| l.result == Conclusion::Failure) {
+            Conclusion::Failure
+        } else if legs.iter().any(|l| l.result == Conclusion::Cancelled) {
+            Conclusion::Cancelled
+        } else if !legs.is_empty() && legs.iter().all(|l| l.result == Conclusion::Skipped) {
+            Conclusion::Skipped
+        } else {
+            Conclusion::Success
+        };
+        // As on GitHub, with a matrix the last leg to set an output wins.
+        let mut outputs = IndexMap::new();
+        for leg in legs {
+            for (k, v) in &leg.outputs {
+                if !v.is_empty() || !outputs.contains_key(k) {
+                    outputs.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        NeedResult { result, outputs }
+    }
+}
+
+/// The status `success()`/`failure()` see in a job's `if:`: its needs' results.
+fn needs_status(job: &Job, needs: &HashMap<String, NeedResult>, cancelled: bool) -> JobStatus {
+    if cancelled {
+        return JobStatus::Cancelled;
+    }
+    let mut status = JobStatus::Success;
+    for need in &job.needs {
+        match needs.get(&need.value).map(|n| n.result) {
+            Some(Conclusion::Failure) => return JobStatus::Failure,
+            Some(Conclusion::Cancelled) => status = JobStatus::Cancelled,
+            // A skipped need makes `success()` false too; GitHub reports that as failure-free
+            // but not successful. `failure()` stays false.
+            Some(Conclusion::Skipped) if status == JobStatus::Success => {
+                status = JobStatus::Cancelled;
+            }
+            _ => {}
+        }
+    }
+    status
+}
+
+fn run_result(jobs: &[JobReport], cancelled: bool) -> Conclusion {
+    if jobs.iter().any(|j| j.result == Conclusion::Failure) {
+        Conclusion::Failure
+    } else if cancelled || jobs.iter().any(|j| j.result == Conclusion::Cancelled) {
+        Conclusion::Cancelled
+    } else {
+        Conclusion::Success
+    }
+}
+
+fn job_display_name(
+    job_id: &str,
+    job: &Job,
+    leg: &MatrixLeg,
+    ctx: &IndexMap<String, Value>,
+    host: &StaticHost,
+) -> String {
+    match &job.name {
+        // GitHub appends the matrix suffix only when the name does not use the matrix.
+        Some(t) => {
+            let name = eval_string(t, ctx, host).unwrap_or_else(|_| t.source().to_owned());
+            if t.source().contains("matrix.") || leg.values.is_empty() {
+                name
+            } else {
+                format!("{name} {}", leg.suffix())
+            }
+        }
+        None if leg.values.is_empty() => job_id.to_owned(),
+        None => format!("{job_id} {}", leg.suffix()),
+    }
+}
+
+/// `success()` and friends for one evaluation; `hashFiles` against the local workspace.
+struct StaticHost {
+    status: JobStatus,
+    workspace: Option<PathBuf>,
+}
+
+impl StaticHost {
+    fn new(status: JobStatus) -> StaticHost {
+        StaticHost {
+            status,
+            workspace: None,
+        }
+    }
+
+    /// In a step, `hashFiles` reads the workspace; the host can read it on the local backend.
+    fn for_step(status: JobStatus, vm: &dyn Vm, layout: &Layout) -> StaticHost {
+        StaticHost {
+            status,
+            workspace: (vm.backend() == "local").then(|| PathBuf::from(&layout.workspace)),
+        }
+    }
+}
+
+impl kiln_workflow::Host for StaticHost {
+    fn job_status(&self) -> JobStatus {
+        self.status
+    }
+
+    fn hash_files(&self, patterns: &[String]) -> Result<String, String> {
+        match &self.workspace {
+            Some(dir) => hash::hash_files(dir, patterns),
+            None => Err("hashFiles() is only available in steps on the local backend so far".into()),
+        }
+    }
+}
+
+fn eval_condition(
+    cond: &Condition,
+    ctx: &IndexMap<String, Value>,
+    host: &StaticHost,
+) -> Result<bool, String> {
+    cond.eval(&EvalContext {
+        contexts: ctx,
+        host,
+    })
+    .map_err(|e| format!("if: {}: {e}", cond.source()))
+}
+
+fn eval_string(
+    t: &Template,
+    ctx: &IndexMap<String, Value>,
+    host: &StaticHost,
+) -> Result<String, String> {
+    t.eval(&EvalContext {
+        contexts: ctx,
+        host,
+    })
+    .map_err(|e| format!("{}: {e}", t.span()))
+}
+
+fn eval_bool(
+    v: &BoolOrExpr,
+    ctx: &IndexMap<String, Value>,
+    host: &StaticHost,
+) -> Result<bool, String> {
+    match v {
+        BoolOrExpr::Bool(b) => Ok(*b),
+        BoolOrExpr::Expr(t) => t
+            .eval_value(&EvalContext {
+                contexts: ctx,
+                host,
+            })
+            .map(|v| v.is_truthy())
+            .map_err(|e| e.to_string()),
+    }
+}
+
+fn eval_minutes(
+    v: &NumberOrExpr,
+    ctx: &IndexMap<String, Value>,
+    host: &StaticHost,
+) -> Option<Duration> {
+    let minutes = match v {
+        NumberOrExpr::Number(n) => *n,
+        NumberOrExpr::Expr(t) => t
+            .eval_value(&EvalContext {
+                contexts: ctx,
+                host,
+            })
+            .ok()?
+            .to_number(),
+    };
+    (minutes.is_finite() && minutes > 0.0).then(|| Duration::from_secs_f64(minutes * 60.0))
+}
+
+fn string_map_value(map: &IndexMap<String, String>) -> Value {
+    Value::Object(
+        map.iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect(),
+    )
+}
+
+fn resolve_dir(workspace: &str, dir: Option<&str>) -> String {
+    match dir {
+        None | Some("") => workspace.to_owned(),
+        Some(d) if d.starts_with('/') => d.to_owned(),
+        Some(d) => format!("{workspace}/{d}"),
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Runs the futures concurrently and returns their outputs in order.
+async fn futures_join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let mut pinned: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut results: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (fut, slot) in pinned.iter_mut().zip(results.iter_mut()) {
+            if slot.is_none() {
+                match fut.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    results.into_iter().flatten().collect()
+}
+
+/// Creates the runner's directories in a fresh VM, copies the workspace in and writes the
+/// event payload. Returns the VM's base `PATH`.
+async fn setup(vm: &dyn Vm, layout: &Layout, context: &RunContext) -> Result<String, VmError> {
+    if let Some(src) = &context.workspace {
+        vm.copy_in(src, &layout.workspace).await?;
+    }
+    for dir in [&layout.temp, &layout.tool_cache, &layout.home, &layout.workspace] {
+        vm.write_file(&format!("{dir}/.kiln-keep"), b"").await?;
+    }
+    let payload = serde_json::to_vec_pretty(&context.event_payload).unwrap_or_default();
+    vm.write_file(&layout.event_path, &payload).await?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let outcome = vm
+        .exec(
+            ExecRequest {
+                command: kiln_vm::Command::Argv(vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "rm -f \"$1\"/.kiln-keep \"$2\"/.kiln-keep \"$3\"/.kiln-keep \"$4\"/.kiln-keep; printf %s \"$PATH\"".into(),
+                    "sh".into(),
+                    layout.temp.clone(),
+                    layout.tool_cache.clone(),
+                    layout.home.clone(),
+                    layout.workspace.clone(),
+                ]),
+                env: Vec::new(),
+                cwd: None,
+                timeout: Some(Duration::from_secs(60)),
+            },
+            tx,
+        )
+        .await?;
+    let mut path = Vec::new();
+    while let Ok(chunk) = rx.try_recv() {
+        if chunk.stream == Stream::Stdout {
+            path.extend_from_slice(&chunk.data);
+        }
+    }
+    if !outcome.status.success() {
+        return Err(VmError::Guest {
+            vm: vm.id().to_owned(),
+            message: format!("preparing the runner directories ended with {}", outcome.status),
+        });
+    }
+    Ok(String::from_utf8_lossy(&path).into_owned())
+}
+
+/// The per-step file-command paths.
+struct FileCommandPaths {
+    env: String,
+    output: String,
+    path: String,
+    state: String,
+    summary: String,
+}
+
+impl FileCommandPaths {
+    fn new(layout: &Layout, step: usize) -> FileCommandPaths {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let file = |kind: &str| format!("{}/{kind}_{step}_{id}", layout.file_commands);
+        FileCommandPaths {
+            env: file("set_env"),
+            output: file("set_output"),
+            path: file("add_path"),
+            state: file("save_state"),
+            summary: file("step_summary"),
+        }
+    }
+
+    fn all(&self) -> [&String; 5] {
+        [&self.env, &self.output, &self.path, &self.state, &self.summary]
+    }
+}
+
+/// What a step wrote to its file commands.
+#[derive(Debug, Default)]
+struct FileCommands {
+    env: IndexMap<String, String>,
+    outputs: IndexMap<String, String>,
+    path: Vec<String>,
+    summary: String,
+}
+
+async fn read_file_commands(vm: &dyn Vm, files: &FileCommandPaths) -> Result<FileCommands, String> {
+    let read = |path: String| async move {
+        vm.read_file(&path)
+            .await
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .map_err(|e| e.to_string())
+    };
+    let env = parse_key_values("GITHUB_ENV", &read(files.env.clone()).await?)
+        .map_err(|e| e.to_string())?;
+    let outputs = parse_key_values("GITHUB_OUTPUT", &read(files.output.clone()).await?)
+        .map_err(|e| e.to_string())?;
+    // GITHUB_STATE is parsed to report malformed files; its values are for post steps.
+    parse_key_values("GITHUB_STATE", &read(files.state.clone()).await?)
+        .map_err(|e| e.to_string())?;
+    let path = parse_path_file(&read(files.path.clone()).await?);
+    let summary = read(files.summary.clone()).await?;
+    Ok(FileCommands {
+        env,
+        outputs,
+        path,
+        summary,
+    })
+}
+
+/// What the output pump learned from workflow commands.
+#[derive(Default)]
+struct Pumped {
+    masker: Masker,
+    outputs: IndexMap<String, String>,
+}
+
+/// Splits output into lines, acts on workflow commands, masks secrets, emits `log` events.
+async fn pump_output(
+    mut rx: mpsc::UnboundedReceiver<Output>,
+    events: EventSink,
+    job: String,
+    step: usize,
+    masker: Masker,
+) -> Pumped {
+    let mut pumped = Pumped {
+        masker,
+        outputs: IndexMap::new(),
+    };
+    let mut buffers: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+    let mut stop_token: Option<String> = None;
+    let mut emit_line = |stream: Stream, raw: &[u8], pumped: &mut Pumped| {
+        let text = String::from_utf8_lossy(raw);
+        let line = text.strip_suffix('\r').unwrap_or(&text);
+        if stream == Stream::Stdout {
+            if let Some(token) = &stop_token {
+                if line.trim() == format!("::{token}::") {
+                    stop_token = None;
+                }
+            } else if let Some(cmd) = parse_workflow_command(line) {
+                match cmd.name.as_str() {
+                    "add-mask" => {
+                        pumped.masker.add(&cmd.message);
+                        return;
+                    }
+                    "set-output" => {
+                        if let Some(name) = cmd.properties.get("name") {
+                            pumped.outputs.insert(name.clone(), cmd.message.clone());
+                        }
+                        return;
+                    }
+                    "stop-commands" => stop_token = Some(cmd.message.clone()),
+                    _ => {}
+                }
+            }
+        }
+        events.emit(EventKind::Log {
+            job: job.clone(),
+            step: Some(step),
+            stream: match stream {
+                Stream::Stdout => LogStream::Stdout,
+                Stream::Stderr => LogStream::Stderr,
+            },
+            line: pumped.masker.mask(line),
+        });
+    };
+    while let Some(chunk) = rx.recv().await {
+        let index = usize::from(chunk.stream == Stream::Stderr);
+        let buffer = &mut buffers[index];
+        buffer.extend_from_slice(&chunk.data);
+        while let Some(pos) = buffer.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buffer.drain(..=pos).collect();
+            emit_line(chunk.stream, &line[..line.len() - 1], &mut pumped);
+        }
+    }
+    for (index, stream) in [Stream::Stdout, Stream::Stderr].into_iter().enumerate() {
+        if !buffers[index].is_empty() {
+            let rest = std::mem::take(&mut buffers[index]);
+            emit_line(stream, &rest, &mut pumped);
+        }
+    }
+    pumped
+}
