@@ -1604,6 +1604,10 @@ impl Loader {
                 && value.contains("${{")
             {
                 if let Some(t) = self.template_str(value, &v.span, &what) {
+                    if !matches!(k.value.as_str(), "include" | "exclude") {
+                        // Keeps the dimension's place in declaration order.
+                        dims.insert(k.value.clone(), Vec::new());
+                    }
                     exprs.insert(k.value.clone(), t);
                 }
                 continue;

@@ -277,6 +277,7 @@ pub fn evaluate_matrix(def: &MatrixDef, ctx: &EvalContext<'_>) -> Result<MatrixD
         }
     };
     for (key, t) in &exprs {
+        // `insert` keeps the position of a dimension already present in `raw`.
         raw.insert(key.clone(), eval(t)?);
     }
     for value in raw.values_mut() {

@@ -136,6 +136,7 @@ pub enum MatrixDef {
         span: Span,
         /// Parts of the matrix written as a single expression: a dimension, `include` or
         /// `exclude` (keys `"include"`/`"exclude"`), e.g. `os: ${{ fromJSON(needs.a.outputs.os) }}`.
+        /// Such a dimension also appears in `dims`, without values, to keep its place.
         exprs: IndexMap<String, Template>,
     },
     /// The whole matrix is one expression (`matrix: ${{ fromJSON(needs.plan.outputs.m) }}`).

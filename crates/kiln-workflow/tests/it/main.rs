@@ -4,5 +4,6 @@ mod bad_input;
 mod conformance;
 mod corpus;
 mod fuzz;
+mod matrix;
 mod model;
 mod triggers;
