@@ -7,6 +7,14 @@ use kiln_workflow::parse_workflow;
 
 use crate::corpus::corpus_files;
 
+/// Cases per property: `KILN_FUZZ_CASES` for long runs, else `default`.
+fn cases(default: u32) -> u32 {
+    std::env::var("KILN_FUZZ_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 fn corpus_texts() -> Vec<String> {
     corpus_files()
         .iter()
@@ -47,7 +55,7 @@ fn mutate(text: &str, edit: u8, at: usize, len: usize, insert: &str) -> String {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(2000), ..ProptestConfig::default() })]
 
     #[test]
     fn random_text_never_panics(text in "\\PC{0,200}") {
@@ -61,7 +69,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(3000), ..ProptestConfig::default() })]
 
     #[test]
     fn mutated_corpus_never_panics(
