@@ -26,6 +26,7 @@
 
 mod factory;
 pub mod guest;
+pub mod image;
 pub mod local;
 
 use std::fmt;
