@@ -364,6 +364,37 @@ async fn fail_mode_rejects_the_request_past_the_limit() {
     assert_eq!(f.provider.max_live(), 2);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_never_both_take_the_last_slot() {
+    let f = fixture(limit(2, OnLimit::Fail));
+    let start = Arc::new(tokio::sync::Barrier::new(10));
+    let requests: Vec<_> = (0..10)
+        .map(|i| {
+            let (manager, start) = (f.manager.clone(), start.clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                manager.create_session(request(&format!("r{i}"))).await
+            })
+        })
+        .collect();
+    let mut granted = Vec::new();
+    let mut refused = 0;
+    for request in requests {
+        match request.await.unwrap() {
+            Ok(guard) => granted.push(guard),
+            Err(SessionError::LimitReached { limit: 2 }) => refused += 1,
+            Err(other) => panic!("unexpected error: {other}"),
+        }
+    }
+    assert_eq!((granted.len(), refused), (2, 8));
+    assert_eq!(f.provider.allocations(), 2);
+    assert_eq!(f.provider.max_live(), 2);
+    for guard in granted {
+        f.manager.release_session(guard).await.unwrap();
+    }
+    assert_eq!(leftovers(&f.runtime_dir), Vec::<String>::new());
+}
+
 /// Records the largest `active_count` and `available_slots` use seen while it runs.
 fn sample_active(manager: &SessionManager) -> (tokio::task::JoinHandle<()>, Arc<AtomicUsize>) {
     let max = Arc::new(AtomicUsize::new(0));
