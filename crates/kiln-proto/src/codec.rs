@@ -1,6 +1,7 @@
 //! Framing: a 4-byte big-endian length, then a postcard-encoded [`Message`].
 
 use bytes::{Buf, BufMut, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::{Decoder, Encoder};
 
 use crate::{MAX_FRAME_LEN, Message};
@@ -102,26 +103,34 @@ impl Default for FrameCodec {
     }
 }
 
+/// Splits the next whole frame's payload off the front of `src`.
+///
+/// `Ok(None)` means more bytes are needed; `src` then has room reserved for the rest of the frame
+/// (never more than `max` + 4 bytes). A length prefix above `max` is an error, raised from the
+/// 4-byte header alone.
+pub fn split_frame(src: &mut BytesMut, max: usize) -> Result<Option<BytesMut>, ProtoError> {
+    let Some(header) = src.get(..4) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    if len > max {
+        return Err(ProtoError::FrameTooLarge { len, max });
+    }
+    let total = 4 + len;
+    if src.len() < total {
+        src.reserve(total - src.len());
+        return Ok(None);
+    }
+    src.advance(4);
+    Ok(Some(src.split_to(len)))
+}
+
 impl Decoder for FrameCodec {
     type Item = Result<Message, ProtoError>;
     type Error = ProtoError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, ProtoError> {
-        let Some(header) = src.get(..4) else {
-            return Ok(None);
-        };
-        let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        if len > self.max {
-            return Err(ProtoError::FrameTooLarge { len, max: self.max });
-        }
-        let total = 4 + len;
-        if src.len() < total {
-            src.reserve(total - src.len());
-            return Ok(None);
-        }
-        src.advance(4);
-        let payload = src.split_to(len);
-        Ok(Some(decode_payload(&payload)))
+        Ok(split_frame(src, self.max)?.map(|payload| decode_payload(&payload)))
     }
 }
 
@@ -153,6 +162,105 @@ impl Encoder<Message> for FrameCodec {
     }
 }
 
+/// Reads frames from an async byte stream.
+pub struct FrameReader<R> {
+    inner: R,
+    buf: BytesMut,
+    max: usize,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// A reader with the protocol's frame limit.
+    pub fn new(inner: R) -> Self {
+        FrameReader {
+            inner,
+            buf: BytesMut::with_capacity(READ_BUF),
+            max: MAX_FRAME_LEN,
+        }
+    }
+
+    /// The next frame's payload, undecoded; `None` at a clean end of stream (between frames).
+    pub async fn next_payload(&mut self) -> Result<Option<BytesMut>, ProtoError> {
+        loop {
+            if let Some(payload) = split_frame(&mut self.buf, self.max)? {
+                return Ok(Some(payload));
+            }
+            if self.buf.capacity() - self.buf.len() < READ_BUF / 2 {
+                self.buf.reserve(READ_BUF);
+            }
+            if self.inner.read_buf(&mut self.buf).await? == 0 {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                return Err(ProtoError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("The stream ended inside a frame ({} bytes)", self.buf.len()),
+                )));
+            }
+        }
+    }
+
+    /// The next message: `Ok(Some(Err(Malformed)))` for a frame that does not decode (the
+    /// stream stays usable), `Err` when the stream is unusable.
+    pub async fn next(&mut self) -> Result<Option<Result<Message, ProtoError>>, ProtoError> {
+        Ok(self
+            .next_payload()
+            .await?
+            .map(|payload| decode_payload(&payload)))
+    }
+}
+
+/// Writes frames to an async byte stream, buffering until [`FrameWriter::flush`].
+pub struct FrameWriter<W> {
+    inner: W,
+    buf: BytesMut,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    /// A writer over `inner`.
+    pub fn new(inner: W) -> Self {
+        FrameWriter {
+            inner,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Encodes a message into the buffer, writing the buffer out once it is large.
+    pub async fn feed(&mut self, message: &Message) -> Result<(), ProtoError> {
+        FrameCodec::new().encode(message, &mut self.buf)?;
+        if self.buf.len() >= READ_BUF * 8 {
+            self.write_out().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes out everything buffered and flushes the stream.
+    pub async fn flush(&mut self) -> Result<(), ProtoError> {
+        self.write_out().await?;
+        self.inner.flush().await?;
+        Ok(())
+    }
+
+    /// Encodes, writes and flushes one message.
+    pub async fn send(&mut self, message: &Message) -> Result<(), ProtoError> {
+        self.feed(message).await?;
+        self.flush().await
+    }
+
+    /// The underlying stream.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+
+    async fn write_out(&mut self) -> Result<(), ProtoError> {
+        let data = self.buf.split();
+        self.inner.write_all(&data).await?;
+        Ok(())
+    }
+}
+
+const READ_BUF: usize = 16 * 1024;
+
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
@@ -163,7 +271,9 @@ mod tests {
 
     fn frame(message: &Message) -> BytesMut {
         let mut buf = BytesMut::new();
-        FrameCodec::new().encode(message, &mut buf).expect("encodes");
+        FrameCodec::new()
+            .encode(message, &mut buf)
+            .expect("encodes");
         buf
     }
 
@@ -205,7 +315,10 @@ mod tests {
         }
         let mut codec = FrameCodec::new();
         for m in &messages {
-            let got = codec.decode(&mut buf).expect("no hard error").expect("a frame");
+            let got = codec
+                .decode(&mut buf)
+                .expect("no hard error")
+                .expect("a frame");
             assert_eq!(&got.expect("decodes"), m);
         }
         assert!(codec.decode(&mut buf).expect("no error").is_none());
@@ -228,7 +341,10 @@ mod tests {
         let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 1, 2][..]);
         let err = FrameCodec::new().decode(&mut buf).expect_err("too large");
         assert!(matches!(err, ProtoError::FrameTooLarge { len, .. } if len == u32::MAX as usize));
-        assert!(buf.capacity() < 1024, "no buffer growth for a refused frame");
+        assert!(
+            buf.capacity() < 1024,
+            "no buffer growth for a refused frame"
+        );
     }
 
     #[test]
@@ -238,9 +354,15 @@ mod tests {
         buf.extend_from_slice(&[0xff, 0xff, 0xff]);
         buf.extend_from_slice(&frame(&Message::Ping { id: 1 }));
         let mut codec = FrameCodec::new();
-        let first = codec.decode(&mut buf).expect("no hard error").expect("frame");
+        let first = codec
+            .decode(&mut buf)
+            .expect("no hard error")
+            .expect("frame");
         assert!(matches!(first, Err(ProtoError::Malformed(_))));
-        let second = codec.decode(&mut buf).expect("no hard error").expect("frame");
+        let second = codec
+            .decode(&mut buf)
+            .expect("no hard error")
+            .expect("frame");
         assert_eq!(second.expect("decodes"), Message::Ping { id: 1 });
     }
 

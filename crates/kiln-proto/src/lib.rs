@@ -56,10 +56,13 @@ mod codec;
 mod message;
 pub mod transfer;
 
-pub use codec::{FrameCodec, ProtoError, decode_payload, encode_payload, peek_version};
+pub use codec::{
+    FrameCodec, FrameReader, FrameWriter, ProtoError, decode_payload, encode_payload, peek_version,
+    split_frame,
+};
 pub use message::{
-    Clock, ExecCommand, ExecSpec, ExitStatus, GetKind, HelloAckInfo, KillTarget, Message,
-    PutKind, RequestId, Signal,
+    Clock, ExecCommand, ExecSpec, ExitStatus, GetKind, HelloAckInfo, KillTarget, Message, PutKind,
+    RequestId, Signal,
 };
 
 /// The protocol version this build speaks. Bump it on any change to [`Message`].

@@ -1,0 +1,314 @@
+//! Serving one connection: the hello, then a loop dispatching requests.
+//!
+//! Replies from everywhere (exec output pumps, transfers, the loop itself) go through one
+//! bounded queue to one writer task, so frames never interleave and a slow host slows the
+//! producers down instead of growing memory. Execs and transfers run as their own tasks; the
+//! loop only starts them and feeds upload chunks to them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use kiln_proto::{
+    Clock, FrameReader, FrameWriter, HelloAckInfo, KillTarget, Message, PROTOCOL_VERSION,
+    ProtoError, RequestId, Signal, decode_payload, peek_version,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+
+use crate::reaper::Reaper;
+use crate::{exec, files, log, system};
+
+/// Errors that end a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The stream broke or a frame was oversized.
+    #[error(transparent)]
+    Proto(#[from] ProtoError),
+    /// The host's hello was unacceptable.
+    #[error("Rejected the hello: {0}")]
+    Hello(String),
+}
+
+/// Why serving ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServeEnd {
+    /// The host asked for a shutdown (already acknowledged).
+    Shutdown,
+    /// The host closed the channel.
+    Closed,
+}
+
+/// State shared by the tasks of one connection.
+pub struct Agent {
+    /// Outgoing frames.
+    pub out: mpsc::Sender<Message>,
+    /// The child reaper.
+    pub reaper: Arc<Reaper>,
+    /// Whether the agent is PID 1 (and manages the system).
+    pub pid1: bool,
+    /// Running execs: id -> process group id.
+    execs: Mutex<HashMap<RequestId, u32>>,
+}
+
+impl Agent {
+    fn execs(&self) -> MutexGuard<'_, HashMap<RequestId, u32>> {
+        // Single inserts and removes: a poisoned map is still consistent.
+        self.execs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a running exec's process group.
+    pub fn exec_started(&self, id: RequestId, pgid: u32) {
+        self.execs().insert(id, pgid);
+    }
+
+    /// Forgets a finished exec.
+    pub fn exec_finished(&self, id: RequestId) {
+        self.execs().remove(&id);
+    }
+
+    /// Queues a frame; a closed queue means the connection is ending, so it is dropped.
+    pub async fn send(&self, message: Message) {
+        let _ = self.out.send(message).await;
+    }
+
+    /// Signals one exec's group, or every exec's (under PID 1: every process).
+    pub fn kill(&self, target: KillTarget, signal: Signal) {
+        let groups: Vec<u32> = match target {
+            KillTarget::Exec(id) => self.execs().get(&id).copied().into_iter().collect(),
+            KillTarget::All => self.execs().values().copied().collect(),
+        };
+        for pgid in groups {
+            exec::kill_group(pgid, signal);
+        }
+        if target == KillTarget::All && self.pid1 {
+            system::kill_everything(signal);
+        }
+    }
+
+    fn running(&self) -> usize {
+        self.execs().len()
+    }
+}
+
+/// Serves one connection until the host closes it or asks for a shutdown.
+pub async fn serve<R, W>(
+    reader: R,
+    writer: W,
+    reaper: Arc<Reaper>,
+    pid1: bool,
+) -> Result<ServeEnd, ServeError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut reader = FrameReader::new(reader);
+    let mut writer = FrameWriter::new(writer);
+    if !hello(&mut reader, &mut writer, pid1).await? {
+        return Ok(ServeEnd::Closed);
+    }
+
+    let (out_tx, out_rx) = mpsc::channel(64);
+    let writer_task = tokio::spawn(write_loop(writer, out_rx));
+    let agent = Arc::new(Agent {
+        out: out_tx,
+        reaper,
+        pid1,
+        execs: Mutex::new(HashMap::new()),
+    });
+    let mut uploads: HashMap<RequestId, mpsc::Sender<Bytes>> = HashMap::new();
+
+    let result = loop {
+        let message = match reader.next().await {
+            Ok(Some(Ok(message))) => message,
+            Ok(Some(Err(malformed))) => {
+                log!("rejected a frame: {malformed}");
+                agent
+                    .send(Message::Error {
+                        id: None,
+                        message: malformed.to_string(),
+                    })
+                    .await;
+                continue;
+            }
+            Ok(None) => break Ok(ServeEnd::Closed),
+            Err(e) => {
+                if !matches!(e, ProtoError::Io(_)) {
+                    agent
+                        .send(Message::Error {
+                            id: None,
+                            message: e.to_string(),
+                        })
+                        .await;
+                }
+                break Err(ServeError::Proto(e));
+            }
+        };
+        match message {
+            Message::Exec(spec) => {
+                tokio::spawn(exec::run(agent.clone(), spec));
+            }
+            Message::Kill { id, target, signal } => {
+                agent.kill(target, signal);
+                agent.send(Message::Done { id }).await;
+            }
+            Message::Put { id, path, kind } => {
+                let (tx, rx) = mpsc::channel(16);
+                uploads.insert(id, tx);
+                tokio::spawn(files::put(agent.clone(), id, path, kind, rx));
+            }
+            Message::Chunk { id, data } => {
+                if let Some(tx) = uploads.get(&id)
+                    && tx.send(data).await.is_err()
+                {
+                    // The upload already failed and said so; drop the rest of its data.
+                    uploads.remove(&id);
+                }
+            }
+            Message::End { id } => {
+                uploads.remove(&id);
+            }
+            Message::Get { id, path } => {
+                tokio::spawn(files::get(agent.clone(), id, path));
+            }
+            Message::Ping { id } => agent.send(Message::Pong { id }).await,
+            Message::Shutdown { id } => {
+                stop_everything(&agent).await;
+                if pid1 {
+                    system::sync();
+                }
+                agent.send(Message::Done { id }).await;
+                break Ok(ServeEnd::Shutdown);
+            }
+            Message::Error { id, message } => {
+                log!("the host reported an error ({id:?}): {message}")
+            }
+            other => {
+                let id = other.id();
+                agent
+                    .send(Message::Error {
+                        id,
+                        message: format!("Unexpected message from the host: {other:?}"),
+                    })
+                    .await;
+            }
+        }
+    };
+
+    drop(uploads);
+    if result.as_ref().map_or(true, |end| *end == ServeEnd::Closed) {
+        // Nobody is listening any more: do not leave the host's commands running.
+        stop_everything(&agent).await;
+    }
+    // Let the writer drain (the Done of a shutdown, the last output) before returning.
+    drop(agent);
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer_task).await;
+    result
+}
+
+/// Terminates every exec: SIGTERM, up to a second's grace, then SIGKILL.
+async fn stop_everything(agent: &Agent) {
+    agent.kill(KillTarget::All, Signal::Term);
+    for _ in 0..20 {
+        if agent.running() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    agent.kill(KillTarget::All, Signal::Kill);
+}
+
+/// Handles the first frame. `Ok(false)` when the stream ended before any frame.
+async fn hello<R, W>(
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    pid1: bool,
+) -> Result<bool, ServeError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let Some(payload) = reader.next_payload().await? else {
+        return Ok(false);
+    };
+    let reject = |message: String| Message::Error { id: None, message };
+    match peek_version(&payload) {
+        Some(PROTOCOL_VERSION) => {}
+        Some(host) => {
+            let err = ProtoError::VersionMismatch {
+                host,
+                agent: PROTOCOL_VERSION,
+            };
+            writer.send(&reject(err.to_string())).await?;
+            return Err(ServeError::Hello(err.to_string()));
+        }
+        None => {
+            let message = "Expected Hello as the first frame".to_owned();
+            writer.send(&reject(message.clone())).await?;
+            return Err(ServeError::Hello(message));
+        }
+    }
+    let (clock, hostname) = match decode_payload(&payload) {
+        Ok(Message::Hello {
+            clock, hostname, ..
+        }) => (clock, hostname),
+        Ok(_) | Err(_) => {
+            let message = "Expected Hello as the first frame".to_owned();
+            writer.send(&reject(message.clone())).await?;
+            return Err(ServeError::Hello(message));
+        }
+    };
+    if pid1 {
+        apply_system_settings(clock, hostname.as_deref());
+    }
+    let info = HelloAckInfo {
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        kernel: system::kernel_release(),
+        pid1,
+        pid: std::process::id(),
+    };
+    writer
+        .send(&Message::HelloAck {
+            version: PROTOCOL_VERSION,
+            info,
+        })
+        .await?;
+    Ok(true)
+}
+
+fn apply_system_settings(clock: Option<Clock>, hostname: Option<&str>) {
+    if let Some(clock) = clock
+        && let Err(e) = system::set_clock(clock)
+    {
+        log!("cannot set the clock: {e}");
+    }
+    if let Some(hostname) = hostname
+        && let Err(e) = system::set_hostname(hostname)
+    {
+        log!("cannot set the hostname: {e}");
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut writer: FrameWriter<W>,
+    mut rx: mpsc::Receiver<Message>,
+) {
+    while let Some(message) = rx.recv().await {
+        let mut result = writer.feed(&message).await;
+        while result.is_ok()
+            && let Ok(more) = rx.try_recv()
+        {
+            result = writer.feed(&more).await;
+        }
+        if let Err(e) = match result {
+            Ok(()) => writer.flush().await,
+            Err(e) => Err(e),
+        } {
+            log!("writing to the host failed: {e}");
+            // Keep draining so producers never block on a dead channel.
+            while rx.recv().await.is_some() {}
+            return;
+        }
+    }
+}

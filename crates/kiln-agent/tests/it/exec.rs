@@ -1,0 +1,287 @@
+//! Running commands through the agent.
+
+use std::time::{Duration, Instant};
+
+use kiln_proto::{KillTarget, Signal};
+use kiln_vm::{Command, ExecRequest, ExitStatus, VmError};
+use tokio::sync::mpsc;
+
+use crate::{agent, alive, collect, script, wait_until};
+
+#[tokio::test]
+async fn hello_reports_the_agent() {
+    let agent = agent().await;
+    let info = agent.client.agent_info();
+    assert!(!info.pid1);
+    assert_eq!(info.pid, agent.child.id().expect("running"));
+    assert_eq!(info.agent_version, env!("CARGO_PKG_VERSION"));
+    assert!(!info.kernel.is_empty());
+    agent.client.ping().await.expect("pong");
+}
+
+#[tokio::test]
+async fn exec_streams_both_streams_and_reports_the_exit_code() {
+    let agent = agent().await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let outcome = agent
+        .client
+        .exec(script("echo out\necho err >&2\necho more\nexit 3\n"), tx)
+        .await
+        .expect("runs");
+    assert_eq!(outcome.status, ExitStatus::Exited(3));
+    assert_eq!(collect(&mut rx), ("out\nmore\n".into(), "err\n".into()));
+}
+
+#[tokio::test]
+async fn argv_env_and_cwd_are_applied_on_a_clean_base_env() {
+    let agent = agent().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let request = ExecRequest {
+        command: Command::Argv(vec![
+            "sh".into(),
+            "-c".into(),
+            "pwd; echo \"$FOO|$HOME|$PATH|${CARGO:-unset}\"".into(),
+        ]),
+        env: vec![("FOO".into(), "bar baz".into())],
+        cwd: Some(dir.path().to_string_lossy().into_owned()),
+        timeout: None,
+    };
+    let outcome = agent.client.exec(request, tx).await.expect("runs");
+    assert!(outcome.status.success());
+    let (out, _) = collect(&mut rx);
+    let cwd = dir.path().canonicalize().expect("canonical");
+    assert_eq!(
+        out,
+        format!(
+            "{}\nbar baz|/root|/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin|unset\n",
+            cwd.display()
+        )
+    );
+}
+
+#[tokio::test]
+async fn script_without_placeholder_gets_its_path_appended() {
+    let agent = agent().await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let request = ExecRequest {
+        command: Command::Script {
+            shell: vec!["sh".into()],
+            script: "echo \"$0\"".into(),
+            extension: ".sh".into(),
+        },
+        env: Vec::new(),
+        cwd: None,
+        timeout: None,
+    };
+    let outcome = agent.client.exec(request, tx).await.expect("runs");
+    assert!(outcome.status.success());
+    let (out, _) = collect(&mut rx);
+    assert!(out.trim_end().ends_with(".sh"), "script path was {out:?}");
+    // The script file is removed afterwards.
+    assert!(!std::path::Path::new(out.trim_end()).exists());
+}
+
+#[tokio::test]
+async fn concurrent_execs_keep_their_output_apart_and_in_order() {
+    let agent = agent().await;
+    let started = Instant::now();
+    let runs = (0..4).map(|n| {
+        let client = &agent.client;
+        async move {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let text = format!(
+                "for i in $(seq 1 300); do echo \"{n}-$i\"; echo \"e{n}-$i\" >&2; \
+                 if [ $((i % 100)) = 0 ]; then sleep 0.3; fi; done"
+            );
+            let outcome = client.exec(script(&text), tx).await.expect("runs");
+            (n, outcome, collect(&mut rx))
+        }
+    });
+    let results = futures_join_all(runs).await;
+    // Four runs of ~0.9 s each: concurrent, not one after another.
+    assert!(
+        started.elapsed() < Duration::from_millis(3000),
+        "took {:?}",
+        started.elapsed()
+    );
+    for (n, outcome, (out, err)) in results {
+        assert!(outcome.status.success());
+        let expected: String = (1..=300).map(|i| format!("{n}-{i}\n")).collect();
+        let expected_err: String = (1..=300).map(|i| format!("e{n}-{i}\n")).collect();
+        assert_eq!(out, expected);
+        assert_eq!(err, expected_err);
+    }
+}
+
+/// `join_all` without a futures dependency: spawn-free, polls all in one task.
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output> {
+    let mut pinned: Vec<_> = futures.map(Box::pin).collect();
+    let mut results: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (slot, fut) in results.iter_mut().zip(pinned.iter_mut()) {
+            if slot.is_none() {
+                match fut.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    results.into_iter().flatten().collect()
+}
+
+#[tokio::test]
+async fn a_signal_death_is_reported_as_such() {
+    let agent = agent().await;
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let outcome = agent
+        .client
+        .exec(script("kill -TERM $$\nsleep 5\n"), tx)
+        .await
+        .expect("runs");
+    assert_eq!(outcome.status, ExitStatus::Signaled(15));
+}
+
+#[tokio::test]
+async fn timeout_kills_the_whole_group_including_a_grandchild_ignoring_sigterm() {
+    let agent = agent().await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut request = script("sh -c 'trap \"\" TERM; echo $$; exec sleep 300' &\nwait\n");
+    request.timeout = Some(Duration::from_millis(500));
+    let started = Instant::now();
+    let outcome = agent.client.exec(request, tx).await.expect("runs");
+    assert_eq!(outcome.status, ExitStatus::TimedOut);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let (out, _) = collect(&mut rx);
+    let grandchild: u32 = out.trim().parse().expect("the grandchild printed its pid");
+    assert!(
+        wait_until(Duration::from_secs(3), || !alive(grandchild)).await,
+        "grandchild {grandchild} (ignoring SIGTERM) survived the timeout"
+    );
+}
+
+#[tokio::test]
+async fn dropping_the_exec_future_kills_the_process_group() {
+    let agent = agent().await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let exec = agent
+        .client
+        .exec(script("sleep 300 &\necho $!\nwait\n"), tx);
+    let pid = tokio::select! {
+        _ = exec => panic!("the exec cannot finish by itself"),
+        chunk = rx.recv() => {
+            let chunk = chunk.expect("output");
+            String::from_utf8_lossy(&chunk.data).trim().parse::<u32>().expect("a pid")
+        }
+    };
+    assert!(alive(pid));
+    assert!(
+        wait_until(Duration::from_secs(5), || !alive(pid)).await,
+        "sleep {pid} survived the dropped exec"
+    );
+    // The connection is still fine afterwards.
+    agent.client.ping().await.expect("pong");
+}
+
+#[tokio::test]
+async fn kill_all_signals_every_running_exec() {
+    let agent = agent().await;
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let (tx2, _rx2) = mpsc::unbounded_channel();
+    let client = &agent.client;
+    let first = client.exec(script("sleep 300"), tx);
+    let second = client.exec(script("sleep 300"), tx2);
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        client.kill_all().await.expect("kills");
+    };
+    let (a, b, ()) = tokio::join!(first, second, killer);
+    assert_eq!(a.expect("runs").status, ExitStatus::Signaled(9));
+    assert_eq!(b.expect("runs").status, ExitStatus::Signaled(9));
+    // A signal to a finished exec is harmless.
+    client
+        .signal(KillTarget::Exec(9999), Signal::Term)
+        .await
+        .expect("no error");
+}
+
+#[tokio::test]
+async fn a_missing_program_is_an_error_not_a_hang() {
+    let agent = agent().await;
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let request = ExecRequest {
+        command: Command::Argv(vec!["/nonexistent/kiln-test-program".into()]),
+        env: Vec::new(),
+        cwd: None,
+        timeout: None,
+    };
+    let err = agent.client.exec(request, tx).await.expect_err("fails");
+    assert!(
+        matches!(&err, VmError::Guest { message, .. } if message.contains("kiln-test-program")),
+        "{err}"
+    );
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let mut request = script("true");
+    request.cwd = Some("/nonexistent-kiln-dir".into());
+    let err = agent.client.exec(request, tx).await.expect_err("fails");
+    assert!(err.to_string().contains("/nonexistent-kiln-dir"), "{err}");
+}
+
+#[tokio::test]
+async fn orphans_are_reaped() {
+    let agent = agent().await;
+    let agent_pid = agent.child.id().expect("running");
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let outcome = agent
+        .client
+        .exec(script("(sleep 0.2 & echo $!)\n"), tx)
+        .await
+        .expect("runs");
+    assert!(outcome.status.success());
+    let (out, _) = collect(&mut rx);
+    let orphan: u32 = out.trim().parse().expect("pid");
+    // The orphan is re-parented to the agent (a subreaper) and must not stay a zombie.
+    assert!(
+        wait_until(Duration::from_secs(3), || !std::path::Path::new(&format!(
+            "/proc/{orphan}"
+        ))
+        .exists())
+        .await,
+        "orphan {orphan} of agent {agent_pid} was never reaped"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_ends_the_agent_cleanly() {
+    let mut agent = agent().await;
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let client = &agent.client;
+    let long = client.exec(script("sleep 300"), tx);
+    let stop = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        client.shutdown().await.expect("acknowledged");
+    };
+    let (outcome, ()) = tokio::join!(long, stop);
+    // The running exec was terminated (SIGTERM) as part of the shutdown.
+    assert_eq!(outcome.expect("reported").status, ExitStatus::Signaled(15));
+    let status = tokio::time::timeout(Duration::from_secs(5), agent.child.wait())
+        .await
+        .expect("exits")
+        .expect("waits");
+    assert!(status.success());
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), agent.client.closed())
+            .await
+            .is_ok()
+    );
+}
