@@ -883,9 +883,12 @@ impl WorkflowExecutor {
             leg.masker.clone(),
         ));
         let exec = vm.exec(request, tx);
+        // A step that starts after cancellation (an `always()` step) runs to its end; only a
+        // hard stop (dropping the run) interrupts it.
+        let interruptible = !cancel.is_cancelled();
         let result = tokio::select! {
             r = exec => Some(r),
-            () = cancel.cancelled() => None,
+            () = cancel.cancelled(), if interruptible => None,
         };
         let pumped = pump.await.unwrap_or_default();
         leg.masker = pumped.masker;

@@ -1,3 +1,4 @@
 //! Integration tests of kiln-runner.
 
+mod executor;
 mod session;

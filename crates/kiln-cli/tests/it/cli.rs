@@ -1,0 +1,324 @@
+//! The real binary on real workflows (local backend), as a user runs it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct Env {
+    dir: tempfile::TempDir,
+    runtime: PathBuf,
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let runtime = dir.path().join("runtime");
+        std::fs::create_dir_all(dir.path().join("repo")).expect("mkdir");
+        Env { dir, runtime }
+    }
+
+    fn repo(&self) -> PathBuf {
+        self.dir.path().join("repo")
+    }
+
+    fn write(&self, rel: &str, text: &str) -> PathBuf {
+        let path = self.repo().join(rel);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&path, text).expect("write");
+        path
+    }
+
+    fn kiln(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        cmd.current_dir(self.repo())
+            .env("KILN_RUNTIME_DIR", &self.runtime)
+            .env("KILN_DATA_DIR", self.dir.path().join("data"))
+            .env("KILN_BACKEND", "local")
+            .env("NO_COLOR", "1")
+            .env_remove("KILN_LOG")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.kiln().args(args).output().expect("kiln runs")
+    }
+
+    fn leftovers(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(&self.runtime)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default()
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+const OK: &str = r#"
+name: ok
+on: push
+jobs:
+  build:
+    runs-on: ubuntu-latest
+    steps:
+      - run: echo hello-from-step
+"#;
+
+const FAILING: &str = r#"
+name: failing
+on: push
+jobs:
+  build:
+    runs-on: ubuntu-latest
+    steps:
+      - run: echo before; exit 4
+"#;
+
+#[test]
+fn success_exits_0_with_live_output_and_summary() {
+    let env = Env::new();
+    env.write("ok.yml", OK);
+    let out = env.run(&["run", "ok.yml"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("[ok/build]   | hello-from-step"), "{stderr}");
+    assert!(stderr.contains("Summary ok"), "{stderr}");
+    assert!(stderr.contains("does NOT isolate"), "{stderr}");
+    assert!(out.stdout.is_empty(), "people's output goes to stderr");
+    assert!(env.leftovers().is_empty());
+}
+
+#[test]
+fn failure_exits_1() {
+    let env = Env::new();
+    env.write("fail.yml", FAILING);
+    let out = env.run(&["run", "fail.yml"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("Process completed with exit code 4."), "{stderr}");
+    assert!(env.leftovers().is_empty());
+}
+
+fn assert_usage_error(env: &Env, file: &str, yaml: &str, expected: &str) {
+    env.write(file, yaml);
+    let out = env.run(&["run", file]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{file}: {stderr}");
+    assert!(stderr.contains(expected), "{file}: expected `{expected}` in\n{stderr}");
+    assert!(env.leftovers().is_empty(), "nothing may be allocated");
+}
+
+#[test]
+fn invalid_yaml_exits_2_with_position() {
+    let env = Env::new();
+    assert_usage_error(&env, "bad.yml", "on: push\njobs:\n  a: [\n", "bad.yml:3:6: Invalid YAML");
+}
+
+#[test]
+fn unknown_key_exits_2_with_position_and_suggestion() {
+    let env = Env::new();
+    assert_usage_error(
+        &env,
+        "unknown.yml",
+        "on: push\njobs:\n  a:\n    runs-on: x\n    stpes:\n      - run: echo\n",
+        "unknown.yml:5:5: Unknown key `stpes` in job `a`",
+    );
+    let out = env.run(&["run", "unknown.yml"]);
+    assert!(text(&out.stderr).contains("did you mean `steps`?"));
+}
+
+#[test]
+fn job_cycle_exits_2_with_position() {
+    let env = Env::new();
+    assert_usage_error(
+        &env,
+        "cycle.yml",
+        "on: push\njobs:\n  a:\n    runs-on: x\n    needs: b\n    steps:\n      - run: echo\n  b:\n    runs-on: x\n    needs: a\n    steps:\n      - run: echo\n",
+        "cycle.yml:10:12: Job dependency cycle: a -> b -> a",
+    );
+}
+
+#[test]
+fn step_without_run_or_uses_exits_2_with_position() {
+    let env = Env::new();
+    assert_usage_error(
+        &env,
+        "norun.yml",
+        "on: push\njobs:\n  a:\n    runs-on: x\n    steps:\n      - name: nothing\n",
+        "norun.yml:6:9: A step must have either `run` or `uses`",
+    );
+}
+
+#[test]
+fn unsupported_options_are_rejected_not_ignored() {
+    let env = Env::new();
+    env.write("ok.yml", OK);
+    let out = env.run(&["run", "ok.yml", "--snapshots", "steps"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("not yet supported"));
+    let out = env.run(&["serve"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("not yet supported"));
+}
+
+#[test]
+fn json_lines_follow_the_contract() {
+    let env = Env::new();
+    env.write("ok.yml", OK);
+    let out = env.run(&["run", "ok.yml", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each stdout line is JSON"))
+        .collect();
+    let types: Vec<&str> = lines
+        .iter()
+        .map(|l| l["type"].as_str().expect("type"))
+        .collect();
+    for t in [
+        "session_allocated",
+        "job_started",
+        "step_started",
+        "log",
+        "step_finished",
+        "job_finished",
+        "session_released",
+        "run_finished",
+    ] {
+        assert!(types.contains(&t), "missing {t}: {types:?}");
+    }
+    let run = lines[0]["run"].as_str().expect("run id");
+    assert!(lines.iter().all(|l| l["run"] == run && l["ts"].is_string()));
+    let alloc = lines
+        .iter()
+        .find(|l| l["type"] == "session_allocated")
+        .expect("allocation");
+    assert_eq!(alloc["backend"], "local");
+    assert_eq!(alloc["workflow"], "ok");
+    assert!(alloc["allocation_ms"].is_u64());
+}
+
+#[test]
+fn seed_log_lines_at_info_level() {
+    let env = Env::new();
+    env.write(
+        "two.yml",
+        "name: two\non: push\njobs:\n  a:\n    runs-on: x\n    steps:\n      - name: first\n        run: 'true'\n      - name: second\n        run: 'true'\n",
+    );
+    let out = env.kiln().args(["run", "two.yml"]).env("KILN_LOG", "info").output().expect("run");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let allocated = stderr
+        .lines()
+        .find(|l| l.contains("Allocated VM "))
+        .unwrap_or_else(|| panic!("no allocation line in {stderr}"));
+    assert!(
+        allocated.contains(" ms for session ") && allocated.contains(" in "),
+        "{allocated}"
+    );
+    assert!(stderr.contains("Executing step 1/2: first"), "{stderr}");
+    assert!(stderr.contains("Executing step 2/2: second"), "{stderr}");
+    assert!(stderr.contains("Workflow 'two' completed successfully in "), "{stderr}");
+    assert_eq!(stderr.matches("Allocated VM ").count(), 1);
+
+    env.write("fail.yml", FAILING);
+    let out = env.kiln().args(["run", "fail.yml"]).env("KILN_LOG", "info").output().expect("run");
+    assert!(text(&out.stderr).contains("Workflow 'failing' failed in "));
+}
+
+#[test]
+fn directory_runs_each_matching_workflow_in_its_own_session() {
+    let env = Env::new();
+    env.write(".github/workflows/a.yml", OK);
+    env.write(
+        ".github/workflows/b.yaml",
+        &OK.replace("name: ok", "name: other"),
+    );
+    env.write(
+        ".github/workflows/manual.yml",
+        "on: workflow_dispatch\njobs:\n  x:\n    runs-on: x\n    steps:\n      - run: exit 9\n",
+    );
+    let out = env.run(&["run", ".", "push", "--json", "--max-sessions", "2"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let allocations: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .filter(|l| l["type"] == "session_allocated")
+        .collect();
+    assert_eq!(allocations.len(), 2, "the dispatch-only workflow does not run on push");
+    assert_ne!(allocations[0]["vm"], allocations[1]["vm"]);
+    assert_ne!(allocations[0]["run"], allocations[1]["run"]);
+}
+
+#[test]
+fn ctrl_c_cancels_runs_cleanup_and_exits_130() {
+    let env = Env::new();
+    let marker = env.dir.path().join("started");
+    env.write(
+        "slow.yml",
+        &format!(
+            "name: slow\non: push\njobs:\n  a:\n    runs-on: x\n    steps:\n      - run: touch {}; sleep 60\n      - if: always()\n        run: echo cleanup-step-ran\n",
+            marker.display()
+        ),
+    );
+    let child = env
+        .kiln()
+        .args(["run", "slow.yml"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "the step never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = rustix::process::Pid::from_child(&child);
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).expect("SIGINT");
+    let out = child.wait_with_output().expect("wait");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("cleanup-step-ran"), "{stderr}");
+    assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
+}
+
+#[test]
+fn dry_run_allocates_nothing() {
+    let env = Env::new();
+    env.write("ok.yml", OK);
+    let out = env.run(&["run", "ok.yml", "-n"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&out.stdout).contains("job build"));
+    assert!(!env.runtime.exists() || env.leftovers().is_empty());
+}
+
+#[test]
+fn list_and_validate() {
+    let env = Env::new();
+    env.write(".github/workflows/ci.yml", OK);
+    let out = env.run(&["list"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&out.stdout).contains("build"));
+    let out = env.run(&["validate"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    env.write(".github/workflows/broken.yml", "on: push\njobs:\n  a: [\n");
+    let out = env.run(&["validate"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("broken.yml:3:6"));
+}
+
+#[test]
+fn example_workflow_from_the_readme_runs() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello.yml");
+    let env = Env::new();
+    let out = env
+        .kiln()
+        .args(["run"])
+        .arg(&example)
+        .output()
+        .expect("run");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("integration ok"), "{stderr}");
+    assert!(env.leftovers().is_empty());
+}

@@ -1,0 +1,3 @@
+//! Integration tests of the `kiln` binary: exit codes, messages, `--json`, Ctrl-C.
+
+mod cli;
