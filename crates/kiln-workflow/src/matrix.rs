@@ -46,6 +46,22 @@ impl MatrixLeg {
         format!("({})", parts.join(", "))
     }
 
+    /// The display name of this leg of a job, as GitHub forms it: the job's (evaluated) name
+    /// followed by the suffix, `build (ubuntu, 18)`; when the job's `name:` itself uses the
+    /// `matrix` context, the evaluated name alone.
+    pub fn job_display_name(&self, job: &crate::model::Job, evaluated_name: &str) -> String {
+        let suffix = self.suffix();
+        let name_uses_matrix = job.name.as_ref().is_some_and(|n| {
+            n.expressions()
+                .any(|e| e.referenced_contexts().iter().any(|c| c == "matrix"))
+        });
+        if suffix.is_empty() || name_uses_matrix {
+            evaluated_name.to_owned()
+        } else {
+            format!("{evaluated_name} {suffix}")
+        }
+    }
+
     /// Whether the leg passes a `--matrix KEY:VALUE` filter: for every key named in
     /// `filter`, the leg's value (in string form) is one of the listed values.
     pub fn matches_filter(&self, filter: &IndexMap<String, Vec<String>>) -> bool {

@@ -10,8 +10,8 @@
 //!   or tag name is matched. When only branch filters are given, tag pushes do not run the
 //!   workflow, and vice versa.
 //! - **`branches` / `branches-ignore`** (pull_request, pull_request_target): matched against the
-//!   *base* branch of the pull request. (workflow_run: against the triggering run's head
-//!   branch.)
+//!   *base* branch of the pull request (workflow_run: the triggering run's head branch;
+//!   merge_group: the queue's base branch).
 //! - **`paths` / `paths-ignore`**: `paths` passes when at least one changed file matches;
 //!   `paths-ignore` fails only when *every* changed file matches. Path filters are not evaluated
 //!   for tag pushes. When the changed files are unknown ([`Event::changed_files`] is `None`),
@@ -313,6 +313,8 @@ impl EventTrigger {
                 event.payload_str(&["pull_request", "base", "ref"])
             } else if event.name == "workflow_run" {
                 event.payload_str(&["workflow_run", "head_branch"])
+            } else if event.name == "merge_group" {
+                event.payload_str(&["merge_group", "base_ref"])
             } else {
                 event
                     .payload_str(&["ref"])

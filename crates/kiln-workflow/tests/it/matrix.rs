@@ -80,3 +80,35 @@ fn expression_of_the_wrong_shape_is_an_error() {
     let err = evaluate_matrix(&def, &EvalContext::new(&contexts, &host)).expect_err("array");
     assert!(err.to_string().contains("must produce an object"), "{err}");
 }
+
+#[test]
+fn leg_display_names_like_github() {
+    let text = "on: push
+jobs:
+  build:
+    runs-on: x
+    strategy:
+      matrix: {os: [ubuntu], node: [18]}
+    steps: [{run: echo}]
+  named:
+    name: Test on ${{ matrix.os }}
+    runs-on: x
+    strategy:
+      matrix: {os: [ubuntu], node: [18]}
+    steps: [{run: echo}]
+";
+    let wf = parse_workflow("w.yml", text).expect("valid");
+    for (id, evaluated, expected) in [
+        ("build", "build", "build (ubuntu, 18)"),
+        ("named", "Test on ubuntu", "Test on ubuntu"),
+    ] {
+        let job = &wf.jobs[id];
+        let def = job
+            .strategy
+            .as_ref()
+            .and_then(|s| s.matrix.as_ref())
+            .expect("matrix");
+        let legs = expand_matrix(def).expect("literal");
+        assert_eq!(legs[0].job_display_name(job, evaluated), expected);
+    }
+}

@@ -132,3 +132,32 @@ fn workflow_dispatch_and_schedule() {
     assert!(w.on.matches(&Event::new("workflow_dispatch")));
     assert!(w.on.matches(&Event::new("schedule")));
 }
+
+#[test]
+fn merge_group_branches_match_the_base() {
+    let w = wf("on:\n  merge_group:\n    branches: [main]");
+    let mut e = Event::new("merge_group");
+    e.payload =
+        json!({"action": "checks_requested", "merge_group": {"base_ref": "refs/heads/main"}});
+    assert!(w.on.matches(&e));
+    e.payload =
+        json!({"action": "checks_requested", "merge_group": {"base_ref": "refs/heads/dev"}});
+    assert!(!w.on.matches(&e));
+}
+
+#[test]
+fn workflow_run_filters_on_workflow_name_and_branch() {
+    let w = wf(
+        "on:\n  workflow_run:\n    workflows: [Build]\n    types: [completed]\n    branches: [main]",
+    );
+    let mut e = Event::new("workflow_run");
+    e.payload =
+        json!({"action": "completed", "workflow_run": {"name": "Build", "head_branch": "main"}});
+    assert!(w.on.matches(&e));
+    e.payload =
+        json!({"action": "completed", "workflow_run": {"name": "Lint", "head_branch": "main"}});
+    assert!(!w.on.matches(&e));
+    e.payload =
+        json!({"action": "requested", "workflow_run": {"name": "Build", "head_branch": "main"}});
+    assert!(!w.on.matches(&e));
+}
