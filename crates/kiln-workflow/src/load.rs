@@ -819,7 +819,7 @@ impl Loader {
             NodeKind::Map(entries) => {
                 for (key, value) in entries {
                     if !EVENTS.contains(&key.value.as_str()) {
-                        self.unknown_key(key, EVENTS, "`on`");
+                        self.unknown_event(key);
                         continue;
                     }
                     let trigger = self.event_trigger(key, value);
@@ -828,7 +828,12 @@ impl Loader {
             }
             _ => self.wrong_type(node, "on", "an event name, a list of events or a mapping"),
         }
-        if out.events.is_empty() && matches!(node.kind, NodeKind::Seq(_) | NodeKind::Map(_)) {
+        let written = match &node.kind {
+            NodeKind::Seq(items) => items.len(),
+            NodeKind::Map(entries) => entries.len(),
+            _ => 1,
+        };
+        if written == 0 {
             self.error(&node.span, "`on` lists no events");
         }
         out
@@ -860,9 +865,6 @@ impl Loader {
         let mut out = EventTrigger::new(event, key.span.clone());
         if event == "schedule" {
             out.schedule = self.schedule(node);
-            if out.schedule.is_empty() && !matches!(node.kind, NodeKind::Seq(_)) {
-                return out;
-            }
             return out;
         }
         let entries = match &node.kind {
