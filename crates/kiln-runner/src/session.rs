@@ -351,6 +351,12 @@ impl SessionManager {
     ) -> Result<SessionGuard, SessionError> {
         let inner = &self.inner;
         let limit = inner.config.max_sessions;
+        // Checked again under the lock below; this only spares a duplicate the wait for a slot.
+        if inner.lock().live.contains_key(&request.session_id) {
+            return Err(SessionError::Duplicate {
+                session: request.session_id,
+            });
+        }
         let permit = match inner.config.on_limit {
             OnLimit::Fail => inner
                 .limit
@@ -431,8 +437,15 @@ impl SessionManager {
                     }
                     .instrument(span),
                 );
-                rx.await
-                    .unwrap_or(Err(SessionError::AllocationAborted { session }))
+                match rx.await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        // The task is gone (the backend panicked). Its registration cleans up
+                        // as it drops; doing it here too makes the slot's return visible now.
+                        inner.fail_allocation(&session, serial);
+                        Err(SessionError::AllocationAborted { session })
+                    }
+                }
             }
             Err(_) => work.instrument(span).await,
         }
@@ -923,6 +936,23 @@ impl Inner {
         })
     }
 
+    /// Marks a session whose allocation was aborted `Failed` and returns its slot. Does
+    /// nothing if it is no longer allocating.
+    fn fail_allocation(&self, id: &str, serial: u64) {
+        let (vm, permit) = {
+            let mut table = self.lock();
+            match table.entry_mut(id, serial) {
+                Some(entry) if entry.info.state == SessionState::Allocating => {
+                    entry.info.state = SessionState::Failed;
+                    table.retire(id)
+                }
+                _ => (None, None),
+            }
+        };
+        drop(vm);
+        drop(permit);
+    }
+
     /// Synchronous last resort: retires the session and drops every handle to its VM, then
     /// its permit. Backends kill and clean up in their `Drop`.
     fn abandon(&self, id: &str, serial: u64) {
@@ -995,18 +1025,7 @@ impl Drop for Registration {
             return;
         }
         warn!(session = %self.id, "Allocation aborted; the session failed");
-        let (vm, permit) = {
-            let mut table = self.inner.lock();
-            match table.entry_mut(&self.id, self.serial) {
-                Some(entry) => {
-                    entry.info.state = SessionState::Failed;
-                    table.retire(&self.id)
-                }
-                None => (None, None),
-            }
-        };
-        drop(vm);
-        drop(permit);
+        self.inner.fail_allocation(&self.id, self.serial);
     }
 }
 
@@ -1161,7 +1180,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panicking_allocate_fails_the_session_and_returns_its_slot() {
         let fake = Fake {
             panic_on_allocate: true,
