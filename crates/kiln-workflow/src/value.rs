@@ -533,11 +533,7 @@ pub fn js_number_to_string(n: f64) -> String {
     if n < 0.0 {
         out.push('-');
     }
-    // `{:e}` prints the shortest round-trip digits as `d.ddde[-]x`.
-    let sci = format!("{:e}", n.abs());
-    let (mantissa, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
-    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
-    let exp: i32 = exp.parse().unwrap_or(0);
+    let (digits, exp) = shortest_digits(n.abs());
     let k = digits.len() as i32;
     let pos = exp + 1; // position of the decimal point relative to the digits
     if k <= pos && pos <= 21 {
@@ -561,6 +557,53 @@ pub fn js_number_to_string(n: f64) -> String {
         let _ = write!(out, "e{}{}", if e < 0 { '-' } else { '+' }, e.abs());
     }
     out
+}
+
+/// Splits `{:e}` output (`d.ddde[-]x`) into its digits and exponent.
+fn split_sci(sci: &str) -> (String, i32) {
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((sci, "0"));
+    let digits = mantissa.chars().filter(|c| *c != '.').collect();
+    (digits, exp.parse().unwrap_or(0))
+}
+
+/// The shortest decimal digits that round-trip to `a` (positive, finite) and the decimal
+/// exponent of the first digit, choosing as JavaScript does: of the shortest candidates, the
+/// one closest to `a`, and the even one when two are equally close. (Rust's `{:e}` gives the
+/// shortest digits too, but breaks exact ties upwards.)
+fn shortest_digits(a: f64) -> (String, i32) {
+    let (digits, exp) = split_sci(&format!("{a:e}"));
+    let k = digits.len();
+    // A tie needs `a`'s exact expansion to be the k shortest digits plus a final 5; exact
+    // expansions that short only occur with 18 or fewer significant digits, so 80 digits of
+    // exact formatting settle it.
+    let (exact, exact_exp) = split_sci(&format!("{a:.80e}"));
+    if exact_exp != exp || exact.len() <= k + 1 {
+        return (digits, exp);
+    }
+    let (head, tail) = exact.split_at(k);
+    if !tail.starts_with('5') || !tail[1..].bytes().all(|b| b == b'0') {
+        return (digits, exp);
+    }
+    let low = head.to_owned();
+    let high = increment_decimal(head);
+    if high.len() != k {
+        return (digits, exp);
+    }
+    let round_trips = |d: &str| {
+        let text = format!("{}.{}e{exp}", &d[..1], &d[1..]);
+        text.parse::<f64>().is_ok_and(|v| v == a)
+    };
+    let even = |d: &str| {
+        d.bytes()
+            .last()
+            .is_some_and(|b| (b - b'0').is_multiple_of(2))
+    };
+    for candidate in [&low, &high] {
+        if even(candidate) && round_trips(candidate) {
+            return (candidate.clone(), exp);
+        }
+    }
+    (digits, exp)
 }
 
 fn number_to_json(n: f64) -> serde_json::Value {
@@ -725,6 +768,18 @@ mod tests {
         // More digits than a double holds: rounded to 15 decimals.
         let long = string_to_number("0.84551240822557006");
         assert_eq!(number_to_string(long), "0.84551240822557");
+    }
+
+    #[test]
+    fn shortest_digits_break_ties_to_even_like_javascript() {
+        // Exactly halfway between ...909.2 and ...909.3: JavaScript prints the even digit.
+        // -1605477925282909.25, built exactly (the literal trips clippy's precision lint).
+        let tie = -(6_421_911_701_131_637_i64 as f64) / 4.0;
+        assert_eq!(tie, string_to_number("-1605477925282909.25"));
+        assert_eq!(js_number_to_string(tie), "-1605477925282909.2");
+        assert_eq!(number_to_string(tie), "-1605477925282909.2");
+        assert_eq!(js_number_to_string(0.1 + 0.2), "0.30000000000000004");
+        assert_eq!(js_number_to_string(123e-20), "1.23e-18");
     }
 
     #[test]

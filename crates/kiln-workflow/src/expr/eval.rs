@@ -292,13 +292,31 @@ impl<'a> Evaluator<'a, '_> {
                         name: Some(name.clone()),
                         position: None,
                     },
-                    Index::Expr(e) => Key::of(&self.eval(e)?),
+                    Index::Expr(e) => Key::of(&self.eval(e).map_err(index_error)?),
                 };
                 let target = self.eval(target)?;
                 index_access(target, &key)
             }
             Node::Call { func, args, at } => functions::call(self, *func, args, *at)?,
         })
+    }
+}
+
+/// GitHub prefixes errors from an index expression.
+fn index_error(err: ExprError) -> ExprError {
+    match err {
+        ExprError::Eval {
+            message,
+            position,
+            expr,
+            span,
+        } => ExprError::Eval {
+            message: format!("could not evaluate index for index access: {message}"),
+            position,
+            expr,
+            span,
+        },
+        other => other,
     }
 }
 

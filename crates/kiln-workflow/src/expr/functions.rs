@@ -42,13 +42,13 @@ pub(crate) fn call<'a>(
     args: &[Node],
     at: usize,
 ) -> Result<Ev<'a>, ExprError> {
-    // `case` evaluates only what it needs; every other function takes evaluated arguments.
-    if func == Func::Case {
-        return case(ev, args);
-    }
+    // Like GitHub's evaluator, every argument is evaluated first (also for `case`).
     let mut values = Vec::with_capacity(args.len());
     for a in args {
         values.push(ev.eval(a)?);
+    }
+    if func == Func::Case {
+        return case(ev, values);
     }
     let arg = |i: usize| values.get(i).unwrap_or(&Ev::Null);
     Ok(match func {
@@ -83,26 +83,27 @@ pub(crate) fn call<'a>(
         Func::Failure => Ev::Bool(ev.ctx.host.job_status() == JobStatus::Failure),
         Func::Cancelled => Ev::Bool(ev.ctx.host.job_status() == JobStatus::Cancelled),
         Func::Always => Ev::Bool(true),
-        Func::Case => Ev::Null, // handled above
+        Func::Case => Ev::Null, // returned above
     })
 }
 
 /// `case(pred1, val1, pred2, val2, ..., default)`: the value after the first `true`
-/// predicate, else the default. Predicates must be booleans.
-fn case<'a>(ev: &mut Evaluator<'a, '_>, args: &[Node]) -> Result<Ev<'a>, ExprError> {
+/// predicate, else the default. Predicates up to the first `true` must be booleans.
+fn case<'a>(ev: &Evaluator<'a, '_>, values: Vec<Ev<'a>>) -> Result<Ev<'a>, ExprError> {
+    let default = values.len().saturating_sub(1);
+    let mut values = values.into_iter();
     let mut i = 0;
-    while i + 1 < args.len() {
-        match ev.eval(&args[i])? {
-            Ev::Bool(true) => return ev.eval(&args[i + 1]),
-            Ev::Bool(false) => {}
+    while i < default {
+        let predicate = values.next();
+        let value = values.next();
+        match predicate {
+            Some(Ev::Bool(true)) => return Ok(value.unwrap_or(Ev::Null)),
+            Some(Ev::Bool(false)) => {}
             _ => return Err(ev.error("case predicate must evaluate to a boolean value", None)),
         }
         i += 2;
     }
-    match args.last() {
-        Some(default) => ev.eval(default),
-        None => Ok(Ev::Null),
-    }
+    Ok(values.next().unwrap_or(Ev::Null))
 }
 
 fn contains(haystack: &Ev<'_>, needle: &Ev<'_>) -> bool {
@@ -234,6 +235,9 @@ fn join<'a>(
     Ok(Ev::String(Cow::Owned(out)))
 }
 
+/// GitHub's message for `fromJSON` failures (kiln adds the parser's detail after it).
+const FROM_JSON_ERROR: &str = "Error parsing JSON when evaluating fromJson";
+
 fn from_json<'a>(
     ev: &mut Evaluator<'a, '_>,
     input: &Ev<'a>,
@@ -241,12 +245,12 @@ fn from_json<'a>(
 ) -> Result<Ev<'a>, ExprError> {
     let text = input.coerce_string();
     if text.trim().is_empty() {
-        return Err(ev.error("Error parsing fromJson: empty input", Some(at)));
+        return Err(ev.error(format!("{FROM_JSON_ERROR}: empty input"), Some(at)));
     }
     ev.charge(text.len(), at)?;
     match serde_json::from_str::<serde_json::Value>(&text) {
         Ok(json) => Ok(Ev::owned(Value::from_json(json))),
-        Err(e) => Err(ev.error(format!("Error parsing fromJson: {e}"), Some(at))),
+        Err(e) => Err(ev.error(format!("{FROM_JSON_ERROR}: {e}"), Some(at))),
     }
 }
 
@@ -329,10 +333,16 @@ mod tests {
     }
 
     #[test]
-    fn case_is_lazy() {
-        // The untaken branch would fail if it were evaluated.
+    fn case_evaluates_every_argument_like_github() {
+        // GitHub evaluates all arguments first, so an error in an untaken branch surfaces.
+        let err = eval_on("case(true, 'a', fromJSON(''))", &StaticHost::default());
+        assert!(err.is_err_and(|e| e.contains("empty input")));
+        // Predicates after the first `true` are not checked.
         assert_eq!(
-            eval_on("case(true, 'a', fromJSON(''))", &StaticHost::default()),
+            eval_on(
+                "case(true, 'a', 'not a bool', 'b', 'c')",
+                &StaticHost::default()
+            ),
             Ok(Value::from("a"))
         );
     }
@@ -358,6 +368,9 @@ mod tests {
         let err = eval_on("fromJSON('{')", &StaticHost::default())
             .err()
             .unwrap_or_default();
-        assert!(err.starts_with("Error parsing fromJson"), "{err}");
+        assert!(
+            err.starts_with("Error parsing JSON when evaluating fromJson: "),
+            "{err}"
+        );
     }
 }

@@ -169,6 +169,10 @@ impl<'s> Lexer<'s> {
         });
     }
 
+    fn push_at(&mut self, kind: Tok, start: usize, end: usize) {
+        self.tokens.push(Token { kind, start, end });
+    }
+
     fn error(&self, text: &str) -> ExprError {
         ExprError::Lex {
             message: format!("Unexpected symbol: '{text}'"),
@@ -179,10 +183,10 @@ impl<'s> Lexer<'s> {
     }
 
     fn run(&mut self) -> Result<(), ExprError> {
-        while let Some(c) = {
-            self.start = self.pos;
-            self.bump()
-        } {
+        loop {
+            let at = self.pos;
+            let Some(c) = self.bump() else { break };
+            self.start = at;
             match c {
                 '(' => self.push(Tok::LParen),
                 ')' => self.push(Tok::RParen),
@@ -244,8 +248,9 @@ impl<'s> Lexer<'s> {
                 _ => self.identifier()?,
             }
         }
-        self.start = self.pos;
-        self.push(Tok::Eof);
+        // Like GitHub's lexer, the end token is placed where the last token (or whitespace)
+        // started, which is where "Unexpected symbol: 'EOF'" points.
+        self.push_at(Tok::Eof, self.start, self.pos);
         Ok(())
     }
 
