@@ -28,6 +28,7 @@ mod factory;
 pub mod guest;
 pub mod image;
 pub mod local;
+pub mod qemu;
 
 use std::fmt;
 use std::path::Path;

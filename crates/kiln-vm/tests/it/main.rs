@@ -3,4 +3,5 @@
 //! KVM). See `support` for the environment switches.
 
 mod image_build;
+mod qemu_vm;
 mod support;

@@ -1,0 +1,392 @@
+//! Real QEMU VMs booted from the default image (TCG on hosts without working KVM): commands,
+//! streaming, file transfer, isolation between VMs, boot timeout, guest death, and no leaks.
+//!
+//! VM tests run one at a time (a shared async lock): two cores emulating several guests at once
+//! would only make every boot slower.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kiln_vm::local::LocalProvider;
+use kiln_vm::qemu::{Accel, QemuConfig, QemuProvider};
+use kiln_vm::{Command, ExecRequest, ExitStatus, Stream, Vm, VmError, VmProvider, VmSpec};
+
+use crate::support;
+
+static VM_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn spec() -> VmSpec {
+    VmSpec {
+        vcpus: 2,
+        memory_mib: 1024,
+        ..VmSpec::default()
+    }
+}
+
+fn provider(runtime: &Path, accel: Accel) -> QemuProvider {
+    let mut config = QemuConfig::new(runtime.to_owned(), support::data_dir());
+    config.accel = accel;
+    QemuProvider::new(config).expect("qemu-system-x86_64 and qemu-img are installed")
+}
+
+struct Ran {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+    chunks: Vec<(Stream, String)>,
+}
+
+async fn run(vm: &dyn Vm, argv: &[&str]) -> Ran {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let request = ExecRequest {
+        command: Command::Argv(argv.iter().map(|s| (*s).to_owned()).collect()),
+        env: vec![("KILN_TEST".into(), "yes".into())],
+        cwd: None,
+        timeout: Some(Duration::from_secs(60)),
+    };
+    let outcome = vm.exec(request, tx).await.expect("exec works");
+    let mut ran = Ran {
+        status: outcome.status,
+        stdout: String::new(),
+        stderr: String::new(),
+        chunks: Vec::new(),
+    };
+    while let Ok(chunk) = rx.try_recv() {
+        let text = String::from_utf8_lossy(&chunk.data).into_owned();
+        match chunk.stream {
+            Stream::Stdout => ran.stdout.push_str(&text),
+            Stream::Stderr => ran.stderr.push_str(&text),
+        }
+        ran.chunks.push((chunk.stream, text));
+    }
+    ran
+}
+
+async fn sh(vm: &dyn Vm, script: &str) -> String {
+    let ran = run(vm, &["sh", "-c", script]).await;
+    assert!(
+        ran.status.success(),
+        "`{script}` failed: {} {}",
+        ran.status,
+        ran.stderr
+    );
+    ran.stdout.trim().to_owned()
+}
+
+/// Processes whose command line names `id` (QEMU runs with `-name <id>`).
+fn processes_of(id: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            if args
+                .windows(2)
+                .any(|w| w[0] == b"-name" && w[1] == id.as_bytes())
+            {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+fn assert_no_leak(runtime: &Path, ids: &[String]) {
+    for id in ids {
+        assert!(processes_of(id).is_empty(), "QEMU of {id} is still running");
+        assert!(
+            !runtime.join(id).exists(),
+            "the directory of {id} is left behind"
+        );
+    }
+    let left: Vec<PathBuf> = std::fs::read_dir(runtime)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "runtime dir not empty: {left:?}");
+}
+
+fn fill_tree(root: &Path) {
+    std::fs::create_dir_all(root.join("sub/deeper")).unwrap();
+    std::fs::write(root.join("top.txt"), b"top\n").unwrap();
+    std::fs::write(
+        root.join("sub/deeper/data.bin"),
+        (0..=255u8).cycle().take(300_000).collect::<Vec<_>>(),
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_vms_run_commands_transfer_files_are_distinct_and_leave_nothing() {
+    if support::skip_vm_tests() {
+        return;
+    }
+    let image = tokio::task::spawn_blocking(support::default_image)
+        .await
+        .unwrap();
+    let _guard = VM_LOCK.lock().await;
+    let runtime = tempfile::tempdir().unwrap();
+    let qemu = provider(runtime.path(), Accel::Auto);
+    let (accel, why) = qemu.resolve_accel(&spec()).await.unwrap();
+    eprintln!("accelerator: {accel} ({why})");
+
+    let started = Instant::now();
+    let vm_spec = spec();
+    let (a, b) = tokio::join!(qemu.allocate(&vm_spec), qemu.allocate(&vm_spec));
+    let (a, b) = (a.expect("VM a boots"), b.expect("VM b boots"));
+    eprintln!(
+        "two concurrent boots to agent ready ({accel}): {} ms and {} ms (wall {} ms)",
+        a.elapsed.as_millis(),
+        b.elapsed.as_millis(),
+        started.elapsed().as_millis()
+    );
+    let local_runtime = tempfile::tempdir().unwrap();
+    let local = LocalProvider::new(local_runtime.path().to_owned());
+    let l = local.allocate(&spec()).await.unwrap();
+    eprintln!(
+        "local allocation: {} us; qemu/local ratio ~{}x",
+        l.elapsed.as_micros(),
+        a.elapsed.as_micros() / l.elapsed.as_micros().max(1)
+    );
+    l.vm.release().await.unwrap();
+    let ids = [a.vm.id().to_owned(), b.vm.id().to_owned()];
+    assert_ne!(ids[0], ids[1]);
+    assert_eq!(a.vm.backend(), "qemu");
+
+    // The guest kernel and the agent, not the host.
+    let uname = sh(&*a.vm, "uname -r").await;
+    assert_eq!(uname, image.manifest.kernel_version);
+    let host = rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    assert_ne!(uname, host);
+    let pid1 = sh(&*a.vm, "cat /proc/1/comm").await;
+    assert!(pid1 == "init" || pid1.contains("kiln"), "PID 1 is {pid1}");
+    let root = sh(
+        &*a.vm,
+        "findmnt -n -o SOURCE,FSTYPE / || grep ' / ' /proc/mounts",
+    )
+    .await;
+    assert!(root.contains("vda"), "root is {root}");
+
+    // Exit codes and streamed, separated output.
+    let ran = run(
+        &*a.vm,
+        &[
+            "sh",
+            "-c",
+            "echo out1; echo err1 >&2; sleep 0.2; echo out2; exit 3",
+        ],
+    )
+    .await;
+    assert_eq!(ran.status, ExitStatus::Exited(3));
+    assert_eq!(ran.stdout, "out1\nout2\n");
+    assert_eq!(ran.stderr, "err1\n");
+    assert!(
+        ran.chunks.len() >= 2,
+        "output came in one piece: {:?}",
+        ran.chunks
+    );
+    assert_eq!(sh(&*a.vm, "echo $KILN_TEST").await, "yes");
+    let missing = a.vm.exec(
+        ExecRequest {
+            command: Command::Argv(vec!["definitely-not-a-program".into()]),
+            env: Vec::new(),
+            cwd: None,
+            timeout: None,
+        },
+        tokio::sync::mpsc::unbounded_channel().0,
+    );
+    match missing.await {
+        Ok(outcome) => assert!(!outcome.status.success()),
+        Err(e) => assert!(matches!(e, VmError::Guest { .. }), "{e}"),
+    }
+    let timed = a.vm.exec(
+        ExecRequest {
+            command: Command::Argv(vec!["sleep".into(), "30".into()]),
+            env: Vec::new(),
+            cwd: None,
+            timeout: Some(Duration::from_secs(1)),
+        },
+        tokio::sync::mpsc::unbounded_channel().0,
+    );
+    assert_eq!(timed.await.unwrap().status, ExitStatus::TimedOut);
+
+    // The runner user has passwordless sudo.
+    assert_eq!(sh(&*a.vm, "su runner -c 'sudo -n id -u'").await, "0");
+    assert!(a.vm.work_root().starts_with('/'));
+    assert_eq!(
+        sh(&*a.vm, &format!("stat -c %U {}", a.vm.work_root())).await,
+        "runner"
+    );
+
+    // A directory in and out, byte for byte.
+    let host_dir = tempfile::tempdir().unwrap();
+    let src = host_dir.path().join("src");
+    fill_tree(&src);
+    a.vm.copy_in(&src, "/tmp/tree").await.unwrap();
+    assert_eq!(sh(&*a.vm, "cat /tmp/tree/top.txt").await, "top");
+    sh(&*a.vm, "echo added > /tmp/tree/sub/new.txt").await;
+    let back = host_dir.path().join("back");
+    a.vm.copy_out("/tmp/tree", &back).await.unwrap();
+    assert_eq!(std::fs::read(back.join("top.txt")).unwrap(), b"top\n");
+    assert_eq!(
+        std::fs::read(back.join("sub/deeper/data.bin")).unwrap(),
+        std::fs::read(src.join("sub/deeper/data.bin")).unwrap()
+    );
+    assert_eq!(std::fs::read(back.join("sub/new.txt")).unwrap(), b"added\n");
+    a.vm.write_file("/tmp/w/x.txt", b"written").await.unwrap();
+    assert_eq!(a.vm.read_file("/tmp/w/x.txt").await.unwrap(), b"written");
+
+    // Two VMs are two machines.
+    let (boot_a, boot_b) = (
+        sh(&*a.vm, "cat /proc/sys/kernel/random/boot_id").await,
+        sh(&*b.vm, "cat /proc/sys/kernel/random/boot_id").await,
+    );
+    assert_ne!(boot_a, boot_b);
+    let (host_a, host_b) = (sh(&*a.vm, "hostname").await, sh(&*b.vm, "hostname").await);
+    assert_ne!(host_a, host_b);
+    // A file written in one is not in the other (each has its own overlay).
+    assert_eq!(
+        sh(&*b.vm, "test -e /tmp/tree/top.txt && echo yes || echo no").await,
+        "no"
+    );
+    sh(&*a.vm, "echo a > /etc/kiln-mark && sync").await;
+    assert_eq!(
+        sh(&*b.vm, "cat /etc/kiln-mark 2>/dev/null || echo none").await,
+        "none"
+    );
+
+    // Release: no process, no directory; releasing twice is fine; a released VM says so.
+    let t = Instant::now();
+    qemu.release(&*a.vm).await.unwrap();
+    eprintln!("release took {} ms", t.elapsed().as_millis());
+    qemu.release(&*b.vm).await.unwrap();
+    a.vm.release().await.unwrap();
+    let err = a.vm.read_file("/etc/hostname").await.unwrap_err();
+    assert!(matches!(err, VmError::Released { .. }), "{err}");
+    assert_no_leak(runtime.path(), &ids);
+    // The base image was never written.
+    let base_after = std::fs::metadata(image.rootfs())
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert!(base_after <= std::time::SystemTime::now());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_death_fails_the_command_with_the_console_and_dropping_cleans_up() {
+    if support::skip_vm_tests() {
+        return;
+    }
+    tokio::task::spawn_blocking(support::default_image)
+        .await
+        .unwrap();
+    let _guard = VM_LOCK.lock().await;
+    let runtime = tempfile::tempdir().unwrap();
+    let qemu = provider(runtime.path(), Accel::Auto);
+    let vm = qemu.allocate(&spec()).await.expect("VM boots").vm;
+    let id = vm.id().to_owned();
+    let pids = processes_of(&id);
+    assert_eq!(pids.len(), 1, "one QEMU for {id}: {pids:?}");
+
+    // Kill QEMU while a command runs: the command fails clearly, with the console tail.
+    let exec = vm.exec(
+        ExecRequest {
+            command: Command::Argv(vec!["sleep".into(), "60".into()]),
+            env: Vec::new(),
+            cwd: None,
+            timeout: None,
+        },
+        tokio::sync::mpsc::unbounded_channel().0,
+    );
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pids[0] as i32).unwrap(),
+            rustix::process::Signal::KILL,
+        )
+        .unwrap();
+    };
+    let (result, ()) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(exec, killer)
+    })
+    .await
+    .expect("the command ends when its VM dies");
+    let err = result.expect_err("a command in a dead VM fails");
+    let text = err.to_string();
+    assert!(text.contains("the VM died"), "{text}");
+    assert!(text.contains("guest console"), "{text}");
+    vm.release().await.unwrap();
+    assert_no_leak(runtime.path(), &[id]);
+
+    // Dropping a VM that was never released kills QEMU and removes its directory.
+    let vm = qemu.allocate(&spec()).await.expect("VM boots").vm;
+    let id = vm.id().to_owned();
+    assert_eq!(sh(&*vm, "echo up").await, "up");
+    drop(vm);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_no_leak(runtime.path(), &[id]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_timeout_is_a_clear_error_and_leaves_nothing() {
+    if support::skip_vm_tests() {
+        return;
+    }
+    tokio::task::spawn_blocking(support::default_image)
+        .await
+        .unwrap();
+    let _guard = VM_LOCK.lock().await;
+    let runtime = tempfile::tempdir().unwrap();
+    let mut config = QemuConfig::new(runtime.path().to_owned(), support::data_dir());
+    config.accel = Accel::Tcg;
+    // No guest kernel reaches its agent within 300 ms under emulation.
+    config.boot_timeout = Duration::from_millis(300);
+    let qemu = QemuProvider::new(config).unwrap();
+    let err = qemu.allocate(&spec()).await.unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, VmError::Boot { .. }), "{text}");
+    assert!(text.contains("boot timeout"), "{text}");
+    assert!(text.contains("guest console"), "{text}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_no_leak(runtime.path(), &[]);
+    assert!(
+        std::fs::read_dir("/proc").unwrap().flatten().all(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .map(|c| {
+                    !String::from_utf8_lossy(&c).contains(&runtime.path().display().to_string())
+                })
+                .unwrap_or(true)
+        }),
+        "a QEMU of the timed-out boot is still running"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_image_says_how_to_build_it() {
+    if support::skip_vm_tests() {
+        return;
+    }
+    let runtime = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut config = QemuConfig::new(runtime.path().to_owned(), data.path().to_owned());
+    config.accel = Accel::Tcg;
+    let qemu = QemuProvider::new(config).expect("qemu is installed");
+    let err = qemu.allocate(&spec()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("kiln image build default"),
+        "{err}"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(runtime.path())
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(leftovers.is_empty());
+}
