@@ -26,7 +26,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run workflows: a file, or the workflows of a directory matching EVENT.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List the workflows and jobs that EVENT would run.
     List(ListArgs),
     /// Check workflow files without running them.

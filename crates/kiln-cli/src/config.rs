@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use indexmap::IndexMap;
 use kiln_runner::executor::Isolation;
 use kiln_runner::session::OnLimit;
-use kiln_vm::{BackendKind, VmSpec};
+use kiln_vm::{BackendConfig, BackendKind, VmSpec};
 use serde::Deserialize;
 
 use crate::args::RunArgs;
@@ -28,7 +28,7 @@ pub struct FileConfig {
     #[serde(default)]
     pool: IndexMap<String, toml::Table>,
     #[serde(default)]
-    qemu: Option<toml::Table>,
+    qemu: QemuSection,
     #[serde(default)]
     firecracker: Option<toml::Table>,
     #[serde(default)]
@@ -44,6 +44,18 @@ struct RunnerSection {
     on_limit: Option<String>,
     snapshots: Option<String>,
     boot_timeout_seconds: Option<u64>,
+}
+
+/// `[qemu]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QemuSection {
+    /// `auto | kvm | tcg`.
+    accel: Option<String>,
+    /// `user | none`.
+    network: Option<String>,
+    /// The QEMU binary.
+    binary: Option<PathBuf>,
 }
 
 /// `[images.NAME]`.
@@ -143,9 +155,30 @@ impl FileConfig {
         self.images.get(name)
     }
 
-    /// Whether `[qemu]` is present (its keys are read by the QEMU backend).
-    pub fn has_qemu_section(&self) -> bool {
-        self.qemu.is_some()
+    /// Backend settings: the dirs, `[qemu]`, and the boot timeout.
+    pub fn backend_config(
+        &self,
+        dirs: &Dirs,
+        boot_timeout: Option<Duration>,
+    ) -> anyhow::Result<BackendConfig> {
+        let mut config = BackendConfig::new(dirs.runtime.clone(), dirs.data.clone());
+        if let Some(accel) = &self.qemu.accel {
+            config.accel = accel
+                .parse()
+                .map_err(|e| anyhow::anyhow!("[qemu] accel: {e}"))?;
+        }
+        if let Some(network) = &self.qemu.network {
+            config.network = network
+                .parse()
+                .map_err(|e| anyhow::anyhow!("[qemu] network: {e}"))?;
+        }
+        if let Some(binary) = &self.qemu.binary {
+            config.qemu_binary = binary.clone();
+        }
+        config.boot_timeout = boot_timeout
+            .or(self.runner.boot_timeout_seconds.map(Duration::from_secs))
+            .unwrap_or(config.boot_timeout);
+        Ok(config)
     }
 }
 
@@ -162,8 +195,8 @@ pub struct Settings {
     pub on_limit: OnLimit,
     /// The VM to ask for.
     pub spec: VmSpec,
-    /// Until the guest agent answers.
-    pub boot_timeout: Duration,
+    /// Until the guest agent answers (`None`: the backend's default).
+    pub boot_timeout: Option<Duration>,
 }
 
 impl Settings {
@@ -216,7 +249,7 @@ impl Settings {
             max_sessions,
             on_limit,
             spec,
-            boot_timeout: Duration::from_secs(runner.boot_timeout_seconds.unwrap_or(120)),
+            boot_timeout: runner.boot_timeout_seconds.map(Duration::from_secs),
         })
     }
 }

@@ -13,6 +13,7 @@
 
 mod args;
 mod config;
+mod image;
 mod inputs;
 mod render;
 mod run;
@@ -120,11 +121,11 @@ fn init_logging(verbose: u8) {
 async fn dispatch(cli: Cli) -> Result<u8, Exit> {
     let file = config::FileConfig::load(cli.config.as_deref()).map_err(usage)?;
     match cli.command {
-        Command::Run(args) => run::run(&file, args).await,
+        Command::Run(args) => run::run(&file, *args).await,
         Command::List(args) => workflows::list(&args),
         Command::Validate(args) => workflows::validate(&args),
         Command::Doctor => run::doctor(&file).await,
-        Command::Image(cmd) => run::image(&file, cmd).await,
+        Command::Image(cmd) => image::image(&file, cmd).await,
         Command::Runs => not_yet("kiln runs", "the run store"),
         Command::Logs { .. } => not_yet("kiln logs", "the run store"),
         Command::Debug { .. } => not_yet("kiln debug", "step snapshots"),

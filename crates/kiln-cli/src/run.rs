@@ -8,12 +8,12 @@ use kiln_runner::event::{Conclusion, EventSink, RunEvent};
 use kiln_runner::executor::{ExecError, GitInfo, RunContext, RunOptions, WorkflowExecutor};
 use kiln_runner::session::{SessionConfig, SessionManager};
 use kiln_runner::workspace;
-use kiln_vm::{BackendConfig, BackendKind, select_backend};
+use kiln_vm::{BackendKind, select_backend};
 use kiln_workflow::{StepAction, Workflow};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::args::{ImageCommand, RunArgs};
+use crate::args::RunArgs;
 use crate::config::{Dirs, FileConfig, Settings};
 use crate::render::{Style, Terminal, summary};
 use crate::workflows::{discover, display_path, load};
@@ -64,13 +64,10 @@ pub async fn run(file: &FileConfig, args: RunArgs) -> Result<u8, Exit> {
     }
 
     let dirs = Dirs::from_env();
-    let selection = select_backend(
-        settings.backend,
-        &BackendConfig {
-            runtime_dir: dirs.runtime.clone(),
-            data_dir: dirs.data.clone(),
-        },
-    )
+    let backend_config = file
+        .backend_config(&dirs, settings.boot_timeout)
+        .map_err(usage)?;
+    let selection = select_backend(settings.backend, &backend_config)
     .await
     .map_err(|e| Exit::new(exit::INFRA, e))?;
     let style = Style::detect();
@@ -330,14 +327,11 @@ fn print_plan(workflow: &Workflow, only: &[String]) -> Result<(), Exit> {
 }
 
 /// `kiln doctor`.
-pub async fn doctor(_file: &FileConfig) -> Result<u8, Exit> {
+pub async fn doctor(file: &FileConfig) -> Result<u8, Exit> {
     let dirs = Dirs::from_env();
     println!("data dir:    {}", dirs.data.display());
     println!("runtime dir: {}", dirs.runtime.display());
-    let config = BackendConfig {
-        runtime_dir: dirs.runtime.clone(),
-        data_dir: dirs.data.clone(),
-    };
+    let config = file.backend_config(&dirs, None).map_err(usage)?;
     for kind in [
         BackendKind::Auto,
         BackendKind::Local,
@@ -359,11 +353,4 @@ pub async fn doctor(_file: &FileConfig) -> Result<u8, Exit> {
         }
     }
     Ok(exit::SUCCESS)
-}
-
-/// `kiln image ...`.
-pub async fn image(_file: &FileConfig, _cmd: ImageCommand) -> Result<u8, Exit> {
-    Err(usage(anyhow!(
-        "kiln image is not yet supported in this build"
-    )))
 }

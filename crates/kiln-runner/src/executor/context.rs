@@ -175,9 +175,12 @@ pub(crate) fn matrix_legs(
         .into_iter()
         .filter(|leg| {
             filter.iter().all(|(key, want)| {
-                leg.values.get(key).is_none_or(|v| match v {
-                    serde_json::Value::String(s) => s.as_str() == want.as_str(),
-                    other => other.to_string() == want.as_str(),
+                leg.values.get(key).is_none_or(|v| {
+                    let text = match v {
+                        serde_json::Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    text == *want
                 })
             })
         })

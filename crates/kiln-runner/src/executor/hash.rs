@@ -66,10 +66,8 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> 
         let path = entry.path();
         if kind.is_dir() {
             walk(root, &path, out)?;
-        } else if kind.is_file() {
-            if let Ok(rel) = path.strip_prefix(root) {
-                out.push(rel.to_path_buf());
-            }
+        } else if let (true, Ok(rel)) = (kind.is_file(), path.strip_prefix(root)) {
+            out.push(rel.to_path_buf());
         }
     }
     Ok(())

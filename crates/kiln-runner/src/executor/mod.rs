@@ -157,7 +157,7 @@ pub enum ExecError {
         workflow: String,
         /// The graph error.
         #[source]
-        source: kiln_workflow::GraphError,
+        source: Box<kiln_workflow::GraphError>,
     },
     /// No session could be had.
     #[error("No session for run {run}")]
@@ -166,7 +166,7 @@ pub enum ExecError {
         run: String,
         /// Why.
         #[source]
-        source: SessionError,
+        source: Box<SessionError>,
     },
     /// Setting up the VM failed.
     #[error("Setting up VM {vm} failed")]
@@ -183,13 +183,8 @@ impl ExecError {
     /// Whether this is the user's workflow's fault (exit code 2) rather than the host's (3).
     pub fn is_user_error(&self) -> bool {
         matches!(self, ExecError::Unsupported { .. } | ExecError::Graph { .. })
-            || matches!(
-                self,
-                ExecError::Session {
-                    source: SessionError::LimitReached { .. },
-                    ..
-                }
-            )
+            || matches!(self, ExecError::Session { source, .. }
+                if matches!(**source, SessionError::LimitReached { .. }))
     }
 }
 
@@ -278,7 +273,7 @@ impl WorkflowExecutor {
         check_supported(workflow, &options.only_jobs)?;
         let levels = kiln_workflow::job_order(workflow).map_err(|source| ExecError::Graph {
             workflow: workflow.file.to_string(),
-            source,
+            source: Box::new(source),
         })?;
         events.emit(EventKind::RunStarted {
             workflow: name.clone(),
@@ -411,7 +406,7 @@ impl WorkflowExecutor {
             .await
             .map_err(|source| ExecError::Session {
                 run: state.options.run_id.clone(),
-                source,
+                source: Box::new(source),
             })?;
         state
             .allocations
@@ -1159,16 +1154,16 @@ fn check_supported(workflow: &Workflow, only_jobs: &[String]) -> Result<(), Exec
             ));
         }
         for step in &job.steps {
-            if let StepAction::Uses { uses, .. } = &step.action {
-                if !is_checkout(&uses.value) {
-                    problems.push(format!(
-                        "{}: step `{}` of job `{id}` uses the action `{}`; kiln runs only `run:` \
-                         steps and actions/checkout so far",
-                        uses.span,
-                        step.display_name(),
-                        uses.value
-                    ));
-                }
+            if let StepAction::Uses { uses, .. } = &step.action
+                && !is_checkout(&uses.value)
+            {
+                problems.push(format!(
+                    "{}: step `{}` of job `{id}` uses the action `{}`; kiln runs only `run:` \
+                     steps and actions/checkout so far",
+                    uses.span,
+                    step.display_name(),
+                    uses.value
+                ));
             }
             if let Some(what) = unsupported_step(&step.action) {
                 problems.push(format!(
@@ -1180,10 +1175,9 @@ fn check_supported(workflow: &Workflow, only_jobs: &[String]) -> Result<(), Exec
             if let StepAction::Run {
                 shell: Some(shell), ..
             } = &step.action
+                && let Err(e) = shell::command(Some(&shell.value), String::new())
             {
-                if let Err(e) = shell::command(Some(&shell.value), String::new()) {
-                    problems.push(format!("{}: {e}", shell.span));
-                }
+                problems.push(format!("{}: {e}", shell.span));
             }
         }
     }

@@ -366,13 +366,8 @@ async fn seed_limit_of_two_fails_the_third_in_fail_mode() {
     let (third, _) = h.run(&yaml).await;
     let err = third.expect_err("third run must fail");
     assert!(
-        matches!(
-            err,
-            ExecError::Session {
-                source: SessionError::LimitReached { limit: 2 },
-                ..
-            }
-        ),
+        matches!(&err, ExecError::Session { source, .. }
+            if matches!(**source, SessionError::LimitReached { limit: 2 })),
         "{err:?}"
     );
     assert!(err.is_user_error());
