@@ -14,6 +14,8 @@
 //! failure is skipped by default. [`Condition::eval`] applies that rule using
 //! [`Host::job_status`](super::Host::job_status).
 
+use std::sync::Arc;
+
 use crate::span::Span;
 
 use super::template::{Template, locate_error};
@@ -24,6 +26,7 @@ use super::{EvalContext, Expr, ExprError, JobStatus};
 pub struct Condition {
     src: String,
     span: Span,
+    raw: Option<Arc<str>>,
     body: Body,
     implicit_success: bool,
 }
@@ -41,17 +44,29 @@ enum Body {
 impl Condition {
     /// Parses an `if:` value written at `span`; errors point into the file where possible.
     pub fn parse(src: &str, span: Span) -> Result<Condition, ExprError> {
+        Condition::parse_raw(src, span, None)
+    }
+
+    /// Like [`Condition::parse`], with the text of the whole file, for exact error positions
+    /// in multi-line and quoted values (see [`Template::parse_in_file`]).
+    pub fn parse_in_file(src: &str, span: Span, file_text: &str) -> Result<Condition, ExprError> {
+        let raw = file_text.get(span.start..span.end).map(Arc::from);
+        Condition::parse_raw(src, span, raw)
+    }
+
+    fn parse_raw(src: &str, span: Span, raw: Option<Arc<str>>) -> Result<Condition, ExprError> {
+        let raw_text = raw.as_deref();
         let body = if src.trim().is_empty() {
             Body::Empty
         } else if src.contains("${{") {
-            let template = Template::parse(src, span.clone())?;
+            let template = Template::parse_raw(src, span.clone(), raw.clone())?;
             match template.lone_with_offset() {
                 Some((only, offset)) => Body::Expr(only.clone(), offset),
                 None => Body::Text(template),
             }
         } else {
             Body::Expr(
-                Expr::parse(src).map_err(|e| locate_error(e, &span, src, 0))?,
+                Expr::parse(src).map_err(|e| locate_error(e, &span, src, 0, raw_text))?,
                 0,
             )
         };
@@ -63,6 +78,7 @@ impl Condition {
         Ok(Condition {
             src: src.to_owned(),
             span,
+            raw,
             body,
             implicit_success: !uses_status,
         })
@@ -73,6 +89,7 @@ impl Condition {
         Condition {
             src: String::new(),
             span: Span::unknown(),
+            raw: None,
             body: Body::Empty,
             implicit_success: false,
         }
@@ -87,10 +104,9 @@ impl Condition {
         }
         match &self.body {
             Body::Empty => Ok(success),
-            Body::Expr(e, offset) => e
-                .eval(ctx)
-                .map(|v| v.is_truthy())
-                .map_err(|err| locate_error(err, &self.span, &self.src, *offset)),
+            Body::Expr(e, offset) => e.eval(ctx).map(|v| v.is_truthy()).map_err(|err| {
+                locate_error(err, &self.span, &self.src, *offset, self.raw.as_deref())
+            }),
             Body::Text(t) => t.eval(ctx).map(|s| !s.is_empty()),
         }
     }
@@ -186,6 +202,28 @@ mod tests {
         // ...but the implicit success() still applies.
         assert_eq!(check("${{ false }} && true", JobStatus::Failure), Ok(false));
         assert_eq!(check("${{ failure() }} && x", JobStatus::Failure), Ok(true));
+    }
+
+    #[test]
+    fn multi_line_conditions_are_located_with_the_file() {
+        let raw = "github.ref == 'x' &&\n      nosuch";
+        let file = format!("    if: {raw}\n");
+        let start = file.find(raw).unwrap_or(0);
+        let span = Span {
+            file: Arc::from("wf.yml"),
+            line: 1,
+            col: 9,
+            start,
+            end: start + raw.len(),
+        };
+        let err = Condition::parse_in_file("github.ref == 'x' && nosuch", span, &file).err();
+        assert_eq!(
+            err.as_ref()
+                .and_then(ExprError::span)
+                .map(ToString::to_string)
+                .as_deref(),
+            Some("wf.yml:2:7")
+        );
     }
 
     #[test]

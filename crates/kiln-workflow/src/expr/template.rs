@@ -11,6 +11,8 @@
 //! Where a string is required ([`Template::eval`]), a lone expression that yields an array or
 //! an object is an error, as on GitHub.
 
+use std::sync::Arc;
+
 use crate::span::Span;
 use crate::value::Value;
 
@@ -24,6 +26,9 @@ const UNCLOSED: &str = "The expression is not closed. An unescaped ${{ sequence 
 pub struct Template {
     src: String,
     span: Span,
+    /// The scalar as written in the file (quotes, indentation, folding), when known; used to
+    /// map error offsets back to exact file positions.
+    raw: Option<Arc<str>>,
     parts: Vec<Part>,
 }
 
@@ -42,6 +47,23 @@ impl Template {
     /// it when its text can be mapped back to the file (a plain or quoted single-line scalar
     /// without escapes), otherwise at the scalar.
     pub fn parse(src: &str, span: Span) -> Result<Template, ExprError> {
+        Template::parse_raw(src, span, None)
+    }
+
+    /// Like [`Template::parse`], with the text of the whole file the scalar was read from, so
+    /// that errors anywhere in the scalar (block scalars, quoted scalars, folded lines) point
+    /// at the exact line and column of the offending token.
+    pub fn parse_in_file(src: &str, span: Span, file_text: &str) -> Result<Template, ExprError> {
+        let raw = file_text.get(span.start..span.end).map(Arc::from);
+        Template::parse_raw(src, span, raw)
+    }
+
+    pub(crate) fn parse_raw(
+        src: &str,
+        span: Span,
+        raw: Option<Arc<str>>,
+    ) -> Result<Template, ExprError> {
+        let raw_text = raw.as_deref();
         let mut parts = Vec::new();
         let mut pos = 0;
         while let Some(found) = src[pos..].find("${{") {
@@ -53,17 +75,18 @@ impl Template {
             let Some(close) = find_close(src, body_start) else {
                 return Err(ExprError::Template {
                     message: UNCLOSED.to_owned(),
-                    span: Some(Box::new(locate(&span, src, open))),
+                    span: Some(Box::new(locate(&span, src, open, raw_text))),
                 });
             };
             let body = &src[body_start..close];
             if body.trim().is_empty() {
                 return Err(ExprError::Template {
                     message: "An expression was expected".to_owned(),
-                    span: Some(Box::new(locate(&span, src, open))),
+                    span: Some(Box::new(locate(&span, src, open, raw_text))),
                 });
             }
-            let expr = Expr::parse(body).map_err(|e| locate_error(e, &span, src, body_start))?;
+            let expr =
+                Expr::parse(body).map_err(|e| locate_error(e, &span, src, body_start, raw_text))?;
             parts.push(Part::Expr {
                 expr,
                 offset: body_start,
@@ -76,6 +99,7 @@ impl Template {
         Ok(Template {
             src: src.to_owned(),
             span,
+            raw,
             parts,
         })
     }
@@ -87,6 +111,7 @@ impl Template {
             parts: vec![Part::Literal(s.clone())],
             src: s,
             span: Span::unknown(),
+            raw: None,
         }
     }
 
@@ -186,7 +211,7 @@ impl Template {
         ctx: &EvalContext<'_>,
     ) -> Result<Value, ExprError> {
         expr.eval(ctx)
-            .map_err(|e| locate_error(e, &self.span, &self.src, offset))
+            .map_err(|e| locate_error(e, &self.span, &self.src, offset, self.raw.as_deref()))
     }
 
     fn shape_error(&self, message: &str) -> ExprError {
@@ -216,20 +241,32 @@ fn find_close(src: &str, from: usize) -> Option<usize> {
 
 /// Gives an expression error the file position of its offending token. `body_start` is the
 /// byte offset of the expression within `src`, which was written at `span`.
-pub(crate) fn locate_error(err: ExprError, span: &Span, src: &str, body_start: usize) -> ExprError {
+pub(crate) fn locate_error(
+    err: ExprError,
+    span: &Span,
+    src: &str,
+    body_start: usize,
+    raw: Option<&str>,
+) -> ExprError {
     let body = &src[body_start..];
     let within = err
         .position()
         .and_then(|p| body.char_indices().nth(p.saturating_sub(1)))
         .map_or(0, |(b, _)| b);
-    let at = locate(span, src, body_start + within);
+    let at = locate(span, src, body_start + within, raw);
     err.with_span(at)
 }
 
-/// Maps byte offset `off` of the scalar text `src` to a file position, when the scalar was
-/// written verbatim on one line (plain, or quoted with no escapes); otherwise the scalar's own
-/// span.
-pub(crate) fn locate(span: &Span, src: &str, off: usize) -> Span {
+/// Maps byte offset `off` of the scalar text `src` to a file position. With the scalar's
+/// `raw` text from the file, the value is aligned with it character by character (the value
+/// is what remains of the raw text once quotes, escapes, indentation and line folding are
+/// taken out), which gives the exact line and column. Without it, the position is exact when
+/// the scalar was written verbatim on one line (plain, or quoted with no escapes); otherwise
+/// it is the scalar's own span.
+pub(crate) fn locate(span: &Span, src: &str, off: usize, raw: Option<&str>) -> Span {
+    if let Some(found) = raw.and_then(|raw| align(span, src, raw, off)) {
+        return found;
+    }
     if src.contains('\n') || span.line == 0 {
         return span.clone();
     }
@@ -260,9 +297,45 @@ pub(crate) fn locate(span: &Span, src: &str, off: usize) -> Span {
     }
 }
 
+/// Finds where value byte `off` was written, by matching the value's characters, in order,
+/// against the raw text (skipping raw characters the value does not contain). `None` when
+/// the value is not a subsequence of the raw text.
+fn align(span: &Span, src: &str, raw: &str, off: usize) -> Option<Span> {
+    if span.line == 0 {
+        return None;
+    }
+    let (mut line, mut col) = (span.line, span.col);
+    let mut raw_chars = raw.char_indices();
+    let at = |line: u32, col: u32, byte: usize| Span {
+        file: span.file.clone(),
+        line,
+        col,
+        start: span.start + byte,
+        end: span.start + byte,
+    };
+    for (vb, vc) in src.char_indices() {
+        loop {
+            let (rb, rc) = raw_chars.next()?;
+            let matched = rc == vc;
+            if matched && vb == off {
+                return Some(at(line, col, rb));
+            }
+            if rc == '\n' {
+                line += 1;
+                col = 1;
+            } else {
+                col += 1;
+            }
+            if matched {
+                break;
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use indexmap::IndexMap;
 
@@ -374,6 +447,69 @@ mod tests {
             .and_then(ExprError::span)
             .map(ToString::to_string);
         assert_eq!(span.as_deref(), Some("wf.yml:4:3"));
+    }
+
+    /// The span of `raw` inside `file`, as a YAML loader would report it.
+    fn span_of(file: &str, raw: &str) -> Span {
+        let start = file.find(raw).unwrap_or(0);
+        let before = &file[..start];
+        let line = before.matches('\n').count() + 1;
+        let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        Span {
+            file: Arc::from("wf.yml"),
+            line: u32::try_from(line).unwrap_or(0),
+            col: u32::try_from(col).unwrap_or(0),
+            start,
+            end: start + raw.len(),
+        }
+    }
+
+    fn error_at(value: &str, file: &str, raw: &str) -> Option<String> {
+        let err = Template::parse_in_file(value, span_of(file, raw), file).err()?;
+        err.span().map(ToString::to_string)
+    }
+
+    #[test]
+    fn errors_in_block_scalars_point_at_the_line() {
+        let raw = "echo hi\n          echo ${{ matrix.os ) }}\n";
+        let file = format!("jobs:\n  b:\n    steps:\n      - run: |\n          {raw}");
+        // `)` is on line 6: 10 spaces, then `echo ${{ matrix.os ` (19 characters).
+        assert_eq!(
+            error_at("echo hi\necho ${{ matrix.os ) }}\n", &file, raw).as_deref(),
+            Some("wf.yml:6:30")
+        );
+    }
+
+    #[test]
+    fn errors_in_folded_and_escaped_scalars_point_at_the_token() {
+        let raw = "a\n        b ${{ nosuch }}";
+        let file = format!("x: >-\n        {raw}\n");
+        assert_eq!(
+            error_at("a b ${{ nosuch }}", &file, raw).as_deref(),
+            Some("wf.yml:3:15")
+        );
+        let raw = "\"say \\\"hi\\\" ${{ nosuch }}\"";
+        let file = format!("run: {raw}\n");
+        assert_eq!(
+            error_at("say \"hi\" ${{ nosuch }}", &file, raw).as_deref(),
+            Some("wf.yml:1:22")
+        );
+    }
+
+    #[test]
+    fn eval_errors_in_block_scalars_point_at_the_line() {
+        let raw = "one\n  two ${{ fromJSON('x') }}";
+        let file = format!("run: |\n  {raw}\n");
+        let t =
+            Template::parse_in_file("one\ntwo ${{ fromJSON('x') }}", span_of(&file, raw), &file);
+        let c = contexts();
+        let host = StaticHost::default();
+        let err = t.and_then(|t| t.eval(&EvalContext::new(&c, &host))).err();
+        let at = err
+            .as_ref()
+            .and_then(ExprError::span)
+            .map(ToString::to_string);
+        assert_eq!(at.as_deref(), Some("wf.yml:3:11"));
     }
 
     #[test]
