@@ -9,7 +9,8 @@
 //!    `/newroot`, move `/dev`, `/proc`, `/sys` and `/run` onto it and switch to it the way
 //!    `switch_root` does: `chdir`, `mount --move . /`, `chroot .`. The initramfs stays in memory
 //!    (it holds only the agent and a few modules).
-//! 4. In the final root: `/dev/pts`, `/dev/shm`, `/tmp`, the `/dev/fd` links, loopback up.
+//! 4. In the final root: `/dev/pts`, `/dev/shm`, `/tmp`, the `/dev/fd` links, loopback up, and
+//!    the network from `kiln.net=` (see [`crate::net`]).
 //!
 //! A failure to mount the root is fatal: the agent logs it to the console and powers off, so the
 //! host sees a dead guest with the reason in its console log instead of a hung boot.
@@ -141,8 +142,17 @@ pub fn boot() -> Result<(), InitError> {
     ] {
         let _ = std::os::unix::fs::symlink(target, link);
     }
-    if let Err(e) = loopback_up() {
+    if let Err(e) = crate::net::link_up("lo") {
         log!("cannot bring up loopback: {e}");
+    }
+    if let Some(value) = cmdline_value(&cmdline, "kiln.net") {
+        match crate::net::NetConfig::parse(value) {
+            Some(config) => match crate::net::configure(&config) {
+                Ok(name) => log!("configured {name} as {}/{}", config.address, config.prefix),
+                Err(e) => log!("cannot configure the network ({value}): {e}"),
+            },
+            None => log!("ignoring malformed kiln.net={value}"),
+        }
     }
     Ok(())
 }
@@ -256,35 +266,6 @@ fn switch_root(device: &str) -> Result<(), InitError> {
     rustix::process::chroot(".").map_err(step("chroot ."))?;
     rustix::process::chdir("/").map_err(step("chdir /"))?;
     log!("switched to the root filesystem on {device}");
-    Ok(())
-}
-
-/// `ip link set lo up`.
-fn loopback_up() -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let socket = rustix::net::socket(
-        rustix::net::AddressFamily::INET,
-        rustix::net::SocketType::DGRAM,
-        None,
-    )?;
-    // SAFETY: ifreq is a plain C struct for which all-zero bytes are a valid value.
-    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in request.ifr_name.iter_mut().zip(b"lo\0") {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: SIOCGIFFLAGS reads the NUL-terminated name and writes the flags into `request`,
-    // which is a valid, exclusively borrowed ifreq for the duration of the call.
-    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: after SIOCGIFFLAGS the union holds the flags variant.
-    unsafe {
-        request.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-    }
-    // SAFETY: SIOCSIFFLAGS only reads `request`, a valid ifreq naming "lo" with its flags set.
-    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
     Ok(())
 }
 

@@ -6,6 +6,10 @@
 //!   then serves the protocol on the virtio-serial port `kiln.agent`. If the host disconnects it
 //!   waits for it again; on `Shutdown` it kills everything, syncs and powers off. PID 1 also
 //!   reaps every orphan in the guest ([`reaper`]).
+//!
+//!   Kernel command line keys it reads: `kiln.root=DEV` (switch to this ext4 root;
+//!   `kiln.rootfstype=` overrides the type), `kiln.net=ADDR/PREFIX,GW[,DNS]` (static network,
+//!   see [`net`]).
 //! - **`--stdio`**: serves one connection on stdin/stdout and exits when it ends. Tests and the
 //!   local fallback use this on the host; nothing system-wide (clock, hostname, `kill(-1)`,
 //!   power) is touched in this mode.
@@ -28,6 +32,7 @@ mod channel;
 mod exec;
 mod files;
 mod init;
+mod net;
 mod reaper;
 mod serve;
 mod system;

@@ -4,6 +4,7 @@
 mod exec;
 mod files;
 mod protocol;
+mod vm;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
