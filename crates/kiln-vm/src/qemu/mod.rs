@@ -333,6 +333,14 @@ impl QemuProvider {
                 Ok(vm)
             }
             Err(reason) => {
+                // A QEMU that died by itself (e.g. KVM refused the CPU) explains more than the
+                // broken socket that revealed it.
+                let reason = if process.wait_for(Duration::from_millis(300)).await {
+                    let status = process.exit_status().unwrap_or_default();
+                    format!("QEMU exited before the agent answered ({status})")
+                } else {
+                    reason
+                };
                 process.kill_and_wait().await;
                 let tail = console_tail(&dir.join("console.log"));
                 Err(VmError::Boot {
@@ -366,7 +374,10 @@ impl QemuProvider {
             let (reader, writer) = stream.into_split();
             let mut options = ConnectOptions::new(id);
             options.hostname = Some(id.to_owned());
-            options.hello_timeout = deadline.saturating_duration_since(Instant::now());
+            // The boot deadline below ends the wait; this only keeps the client from giving up
+            // first with a less telling message.
+            options.hello_timeout =
+                deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5);
             let client = GuestClient::connect_with(reader, writer, options)
                 .await
                 .map_err(|e| e.into_vm_error(id).to_string())?;
@@ -598,12 +609,19 @@ async fn start_qemu(
                 .map_err(|e| io("creating qemu.log".to_owned(), e))?,
         )
         .kill_on_drop(true);
-    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the parent.
+    // QEMU runs in the per-VM directory, so anything it leaves (a core file) is removed with it.
+    cmd.current_dir(dir);
+    // SAFETY: prctl and setrlimit are async-signal-safe and touch no memory of the parent.
     unsafe {
         cmd.pre_exec(|| {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
                 return Err(std::io::Error::last_os_error());
             }
+            let no_core = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::setrlimit(libc::RLIMIT_CORE, &no_core);
             Ok(())
         });
     }

@@ -22,7 +22,7 @@ const MAX_LINE: usize = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
     /// The socket could not be used.
-    #[error("QMP I/O failed")]
+    #[error("QMP I/O failed: {0}")]
     Io(#[from] std::io::Error),
     /// QEMU closed the connection.
     #[error("QEMU closed the QMP connection")]
