@@ -4,9 +4,11 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::local::LocalProvider;
-use crate::{VmError, VmProvider};
+use crate::qemu::{self, Accel, Network, QemuConfig, QemuProvider};
+use crate::{VmError, VmProvider, VmSpec, image};
 
 /// The backend the user asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -56,6 +58,41 @@ pub struct BackendConfig {
     pub runtime_dir: PathBuf,
     /// Where images live.
     pub data_dir: PathBuf,
+    /// The QEMU binary (`[qemu] binary`).
+    pub qemu_binary: PathBuf,
+    /// QEMU's accelerator (`[qemu] accel`).
+    pub accel: Accel,
+    /// Guest networking of VM backends (`[qemu] network`).
+    pub network: Network,
+    /// From starting a VM to its agent's answer (`[runner] boot_timeout_seconds`).
+    pub boot_timeout: Duration,
+}
+
+impl BackendConfig {
+    /// Settings with defaults: `qemu-system-x86_64`, accelerator `auto`, user networking, a
+    /// boot timeout of [`qemu::DEFAULT_BOOT_TIMEOUT`].
+    pub fn new(runtime_dir: PathBuf, data_dir: PathBuf) -> BackendConfig {
+        BackendConfig {
+            runtime_dir,
+            data_dir,
+            qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            accel: Accel::Auto,
+            network: Network::User,
+            boot_timeout: qemu::DEFAULT_BOOT_TIMEOUT,
+        }
+    }
+
+    /// The QEMU backend's settings.
+    pub fn qemu(&self) -> QemuConfig {
+        QemuConfig {
+            runtime_dir: self.runtime_dir.clone(),
+            data_dir: self.data_dir.clone(),
+            binary: self.qemu_binary.clone(),
+            accel: self.accel,
+            network: self.network,
+            boot_timeout: self.boot_timeout,
+        }
+    }
 }
 
 /// The chosen backend and why it was chosen.
@@ -85,18 +122,125 @@ pub async fn select_backend(
             provider: Arc::new(LocalProvider::new(config.runtime_dir.clone())),
             reason: "requested with --backend local".to_owned(),
         }),
-        BackendKind::Auto => Ok(Selection {
-            provider: Arc::new(LocalProvider::new(config.runtime_dir.clone())),
-            reason: "no VM backend is usable on this host yet, so auto falls back to local"
-                .to_owned(),
-        }),
-        BackendKind::Qemu => Err(VmError::Unavailable {
-            backend: "qemu",
-            reason: "the QEMU backend is not implemented yet".to_owned(),
-        }),
+        BackendKind::Auto => match usable_qemu(config).await {
+            Ok((provider, why)) => Ok(Selection {
+                provider,
+                reason: format!("auto chose qemu: {why}"),
+            }),
+            Err(why) => Ok(Selection {
+                provider: Arc::new(LocalProvider::new(config.runtime_dir.clone())),
+                reason: format!("auto fell back to local because {why}"),
+            }),
+        },
+        BackendKind::Qemu => {
+            let qemu_config = config.qemu();
+            if let Some(reason) = qemu::missing_tools(&qemu_config) {
+                return Err(VmError::Unavailable {
+                    backend: "qemu",
+                    reason,
+                });
+            }
+            let images = image::list(&config.data_dir).map_err(|e| VmError::Unavailable {
+                backend: "qemu",
+                reason: e.to_string(),
+            })?;
+            if images.is_empty() {
+                return Err(VmError::Unavailable {
+                    backend: "qemu",
+                    reason: format!(
+                        "no guest image is built in {}; run `kiln image build`",
+                        image::images_dir(&config.data_dir).display()
+                    ),
+                });
+            }
+            Ok(Selection {
+                provider: Arc::new(QemuProvider::new(qemu_config)?),
+                reason: "requested with --backend qemu".to_owned(),
+            })
+        }
         BackendKind::Firecracker => Err(VmError::Unavailable {
             backend: "firecracker",
             reason: "the Firecracker backend is not implemented yet".to_owned(),
         }),
+    }
+}
+
+/// QEMU when its binaries, a built image and a bootable accelerator are there, or why not.
+async fn usable_qemu(config: &BackendConfig) -> Result<(Arc<dyn VmProvider>, String), String> {
+    let qemu_config = config.qemu();
+    if let Some(reason) = qemu::missing_tools(&qemu_config) {
+        return Err(reason);
+    }
+    let images = image::list(&config.data_dir).map_err(|e| e.to_string())?;
+    let Some(image) = images
+        .iter()
+        .find(|i| i.name() == "default")
+        .or(images.first())
+    else {
+        return Err("no guest image is built (run `kiln image build`)".to_owned());
+    };
+    let provider = QemuProvider::new(qemu_config).map_err(|e| e.to_string())?;
+    let spec = VmSpec {
+        image: image.name().to_owned(),
+        ..VmSpec::default()
+    };
+    let (accel, why) = provider
+        .resolve_accel(&spec)
+        .await
+        .map_err(|e| format!("QEMU cannot boot image `{}`: {e}", image.name()))?;
+    Ok((
+        Arc::new(provider),
+        format!(
+            "QEMU and the image `{}` are present, accelerator {accel} ({why})",
+            image.name()
+        ),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn qemu_without_an_image_says_how_to_build_one() {
+        let runtime = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let config = BackendConfig::new(runtime.path().to_owned(), data.path().to_owned());
+        let err = select_backend(BackendKind::Qemu, &config)
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("kiln image build") || text.contains("not found"),
+            "{text}"
+        );
+        let auto = select_backend(BackendKind::Auto, &config).await.unwrap();
+        assert_eq!(auto.provider.name(), "local");
+        assert!(
+            auto.reason.contains("fell back to local"),
+            "{}",
+            auto.reason
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_qemu_binary_is_named() {
+        let runtime = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let mut config = BackendConfig::new(runtime.path().to_owned(), data.path().to_owned());
+        config.qemu_binary = PathBuf::from("/nonexistent/qemu-system-x86_64");
+        let err = select_backend(BackendKind::Qemu, &config)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/qemu-system-x86_64"),
+            "{err}"
+        );
+        let auto = select_backend(BackendKind::Auto, &config).await.unwrap();
+        assert!(
+            auto.reason.contains("qemu-system-x86_64"),
+            "{}",
+            auto.reason
+        );
     }
 }
