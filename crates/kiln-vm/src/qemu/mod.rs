@@ -678,7 +678,7 @@ fn qemu_args(
     let kernel = image.kernel().display().to_string();
     let initrd = image.initramfs().display().to_string();
     push(&["-kernel", &kernel, "-initrd", &initrd]);
-    let cmdline = kernel_cmdline(accel);
+    let cmdline = kernel_cmdline(accel, config.network);
     push(&["-append", &cmdline]);
     let console = format!("file,id=console,path={}", path("console.log"));
     push(&["-chardev", &console, "-serial", "chardev:console"]);
@@ -714,10 +714,16 @@ fn qemu_args(
 /// against anything and hangs after "Marking TSC unstable". TCG's guest TSC is the host's TSC, so
 /// kiln tells the guest its frequency (`tsc_early_khz`, measured on the host) and that it is
 /// reliable.
-fn kernel_cmdline(accel: Accel) -> String {
+///
+/// With user-mode networking the agent configures the guest statically from `kiln.net=` (QEMU's
+/// NAT: guest 10.0.2.15/24, host and gateway 10.0.2.2, DNS 10.0.2.3).
+fn kernel_cmdline(accel: Accel, network: Network) -> String {
     let mut cmdline = String::from(
         "console=ttyS0 kiln.root=/dev/vda quiet panic=-1 8250.nr_uarts=1 i8042.noaux i8042.nokbd",
     );
+    if network == Network::User {
+        cmdline.push_str(" kiln.net=10.0.2.15/24,10.0.2.2,10.0.2.3");
+    }
     if accel != Accel::Kvm {
         cmdline.push_str(&format!(
             " tsc_early_khz={} tsc=reliable no_timer_check",
@@ -1012,6 +1018,10 @@ mod tests {
         );
         assert!(line.contains("path=/run/k/qemu-x/agent.sock"), "{line}");
         assert!(line.contains("-netdev user"), "{line}");
+        assert!(
+            line.contains("kiln.net=10.0.2.15/24,10.0.2.2,10.0.2.3"),
+            "{line}"
+        );
         config.network = Network::None;
         let args = qemu_args(
             &config,
@@ -1025,6 +1035,7 @@ mod tests {
         assert!(line.contains("-accel kvm -cpu host"), "{line}");
         assert!(!line.contains("netdev"), "{line}");
         assert!(!line.contains("tsc_early_khz"), "{line}");
+        assert!(!line.contains("kiln.net"), "{line}");
     }
 
     #[test]

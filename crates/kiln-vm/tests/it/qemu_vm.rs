@@ -218,6 +218,60 @@ async fn two_vms_run_commands_transfer_files_are_distinct_and_leave_nothing() {
     );
     assert_eq!(timed.await.unwrap().status, ExitStatus::TimedOut);
 
+    // User-mode NAT: the guest reaches a server on the host's loopback through 10.0.2.2.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = conn.read(&mut buf).await;
+        conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 10\r\n\r\nfrom-host\n")
+            .await
+            .unwrap();
+    });
+    let fetched = sh(
+        &*a.vm,
+        &format!("curl -sS --max-time 20 http://10.0.2.2:{port}/"),
+    )
+    .await;
+    assert_eq!(fetched, "from-host");
+    server.await.unwrap();
+
+    // Exec round trip of `true` through the agent, against spawning `true` on the host.
+    let mut guest_rtt = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        assert!(run(&*a.vm, &["true"]).await.status.success());
+        guest_rtt.push(t.elapsed());
+    }
+    let mut host_rtt = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        assert!(
+            std::process::Command::new("true")
+                .status()
+                .unwrap()
+                .success()
+        );
+        host_rtt.push(t.elapsed());
+    }
+    guest_rtt.sort();
+    host_rtt.sort();
+    eprintln!(
+        "exec `true` round trip ({accel}): guest p50 {:?} max {:?}; host spawn p50 {:?}",
+        guest_rtt[10], guest_rtt[19], host_rtt[10]
+    );
+    // Host memory of an idle VM: QEMU's resident set beside the guest RAM it was given.
+    if let Some(pid) = processes_of(a.vm.id()).first() {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let rss = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .unwrap_or("VmRSS: ?");
+        eprintln!("idle VM ({} MiB guest RAM): QEMU {rss}", spec().memory_mib);
+    }
+
     // The runner user has passwordless sudo.
     assert_eq!(sh(&*a.vm, "su runner -c 'sudo -n id -u'").await, "0");
     assert!(a.vm.work_root().starts_with('/'));
@@ -291,7 +345,12 @@ async fn guest_death_fails_the_command_with_the_console_and_dropping_cleans_up()
     let _guard = VM_LOCK.lock().await;
     let runtime = tempfile::tempdir().unwrap();
     let qemu = provider(runtime.path(), Accel::Auto);
-    let vm = qemu.allocate(&spec()).await.expect("VM boots").vm;
+    let allocation = qemu.allocate(&spec()).await.expect("VM boots");
+    eprintln!(
+        "single boot to agent ready: {} ms",
+        allocation.elapsed.as_millis()
+    );
+    let vm = allocation.vm;
     let id = vm.id().to_owned();
     let pids = processes_of(&id);
     assert_eq!(pids.len(), 1, "one QEMU for {id}: {pids:?}");
