@@ -76,6 +76,7 @@ pub fn parse_workflow(file: &str, text: &str) -> Result<Workflow, WorkflowError>
     let root = yaml::load(file, text).map_err(|diagnostics| WorkflowError { diagnostics })?;
     let mut loader = Loader {
         file: Arc::from(file),
+        text,
         diagnostics: Vec::new(),
         warnings: Vec::new(),
         scope: None,
@@ -235,8 +236,11 @@ pub const EVENTS: &[&str] = &[
 type Entries = [(Spanned<String>, Node)];
 
 /// Converts a node tree into the model, collecting diagnostics.
-struct Loader {
+struct Loader<'t> {
     file: Arc<str>,
+    /// The whole file, so expression errors inside multi-line or quoted scalars can be placed
+    /// exactly.
+    text: &'t str,
     diagnostics: Vec<Diagnostic>,
     warnings: Vec<Diagnostic>,
     /// What expressions may use in the key being read (`None`: not checked).
@@ -338,7 +342,7 @@ fn step_scope(key: &str) -> Option<Scope> {
     }
 }
 
-impl Loader {
+impl Loader<'_> {
     fn error(&mut self, span: &Span, message: impl Into<String>) {
         self.diagnostics.push(Diagnostic {
             span: span.clone(),
@@ -445,7 +449,7 @@ impl Loader {
     }
 
     fn template_str(&mut self, text: &str, span: &Span, what: &str) -> Option<Template> {
-        match Template::parse(text, span.clone()) {
+        match Template::parse_in_file(text, span.clone(), self.text) {
             Ok(t) => {
                 self.check_scope(t.expressions(), span, what);
                 Some(t)
@@ -509,7 +513,7 @@ impl Loader {
 
     fn condition(&mut self, node: &Node, what: &str) -> Option<Condition> {
         let s = self.string(node, what)?;
-        match Condition::parse(&s.value, s.span.clone()) {
+        match Condition::parse_in_file(&s.value, s.span.clone(), self.text) {
             Ok(c) => {
                 self.check_scope(c.expressions().into_iter(), &s.span, what);
                 Some(c)

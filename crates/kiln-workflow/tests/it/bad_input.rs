@@ -233,3 +233,37 @@ jobs:
         ]
     );
 }
+
+#[test]
+fn expression_error_inside_a_block_scalar_is_exact() {
+    let text = "on: push
+jobs:
+  build:
+    runs-on: ubuntu-latest
+    steps:
+      - run: |
+          echo start
+          echo ${{ github.sha == }}
+";
+    let got = errors(text);
+    assert!(got.starts_with("ci.yml:8:"), "{got}");
+}
+
+#[test]
+fn expression_error_through_an_alias_is_reported() {
+    let text = "on: push
+env:
+  A: &bad ${{ github.sha == }}
+jobs:
+  build:
+    runs-on: ubuntu-latest
+    env:
+      B: *bad
+    steps: [{run: echo}]
+";
+    let got = errors(text);
+    let lines: Vec<&str> = got.lines().collect();
+    assert_eq!(lines.len(), 2, "{got}");
+    assert!(lines[0].starts_with("ci.yml:3:"), "{got}");
+    assert!(lines[1].starts_with("ci.yml:8:"), "{got}");
+}
