@@ -418,6 +418,87 @@ impl EventTrigger {
     }
 }
 
+impl EventTrigger {
+    /// The `inputs` context of a `workflow_dispatch`/`workflow_call` run: `given` values
+    /// (as typed on the command line) checked against each input's declared type, and
+    /// defaults filled in for the rest. Booleans and numbers become JSON booleans and numbers;
+    /// an input without value or default is `""` (`false` for a boolean, `null` for a number).
+    /// Returns every problem: unknown inputs, missing required ones, values of the wrong type
+    /// and choices not among the options.
+    pub fn resolve_inputs(
+        &self,
+        given: &IndexMap<String, String>,
+    ) -> Result<IndexMap<String, serde_json::Value>, Vec<String>> {
+        let mut errors = Vec::new();
+        for name in given.keys() {
+            if !self.inputs.contains_key(name) {
+                let declared: Vec<&str> = self.inputs.keys().map(String::as_str).collect();
+                errors.push(if declared.is_empty() {
+                    format!(
+                        "Unexpected input `{name}`: `{}` declares no inputs",
+                        self.name
+                    )
+                } else {
+                    format!(
+                        "Unexpected input `{name}`; declared inputs: {}",
+                        declared.join(", ")
+                    )
+                });
+            }
+        }
+        let mut out = IndexMap::new();
+        for (name, def) in &self.inputs {
+            let value = match given.get(name) {
+                Some(raw) => match def.input_type {
+                    InputType::Boolean => match raw.as_str() {
+                        "true" => serde_json::Value::Bool(true),
+                        "false" => serde_json::Value::Bool(false),
+                        _ => {
+                            errors.push(format!(
+                                "Input `{name}` must be `true` or `false`, got `{raw}`"
+                            ));
+                            continue;
+                        }
+                    },
+                    InputType::Number => match raw.trim().parse::<f64>() {
+                        Ok(n) if n.is_finite() => crate::yaml::number_json(n),
+                        _ => {
+                            errors.push(format!("Input `{name}` must be a number, got `{raw}`"));
+                            continue;
+                        }
+                    },
+                    InputType::Choice if !def.options.contains(raw) => {
+                        errors.push(format!(
+                            "Input `{name}` must be one of {}, got `{raw}`",
+                            def.options.join(", ")
+                        ));
+                        continue;
+                    }
+                    _ => serde_json::Value::String(raw.clone()),
+                },
+                None => match &def.default {
+                    Some(d) => d.value.clone(),
+                    None if def.required => {
+                        errors.push(format!("Input `{name}` is required"));
+                        continue;
+                    }
+                    None => match def.input_type {
+                        InputType::Boolean => serde_json::Value::Bool(false),
+                        InputType::Number => serde_json::Value::Null,
+                        _ => serde_json::Value::String(String::new()),
+                    },
+                },
+            };
+            out.insert(name.clone(), value);
+        }
+        if errors.is_empty() {
+            Ok(out)
+        } else {
+            Err(errors)
+        }
+    }
+}
+
 /// The type of a `workflow_dispatch`/`workflow_call` input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InputType {

@@ -299,3 +299,57 @@ jobs:
     assert!(def.has_expressions());
     assert!(expand_matrix(def).is_err());
 }
+
+#[test]
+fn dispatch_inputs_are_typed_and_defaulted() {
+    let text = "on:
+  workflow_dispatch:
+    inputs:
+      level:
+        type: choice
+        options: [info, debug]
+        default: info
+      dry:
+        type: boolean
+      count:
+        type: number
+        required: true
+      note:
+        description: free text
+jobs:
+  a:
+    runs-on: x
+    steps: [{run: echo}]
+";
+    let wf = parse_workflow("w.yml", text).expect("valid");
+    let dispatch = &wf.on.events["workflow_dispatch"];
+    let given = |pairs: &[(&str, &str)]| -> indexmap::IndexMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    };
+    let inputs = dispatch
+        .resolve_inputs(&given(&[("count", "3"), ("dry", "true")]))
+        .expect("valid inputs");
+    assert_eq!(
+        serde_json::Value::Object(inputs.into_iter().collect()),
+        serde_json::json!({"level": "info", "dry": true, "count": 3, "note": ""})
+    );
+    let errors = dispatch
+        .resolve_inputs(&given(&[
+            ("level", "trace"),
+            ("dry", "yes"),
+            ("bogus", "1"),
+        ]))
+        .expect_err("bad inputs");
+    assert_eq!(
+        errors,
+        [
+            "Unexpected input `bogus`; declared inputs: level, dry, count, note",
+            "Input `level` must be one of info, debug, got `trace`",
+            "Input `dry` must be `true` or `false`, got `yes`",
+            "Input `count` is required",
+        ]
+    );
+}
