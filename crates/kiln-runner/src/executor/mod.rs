@@ -744,6 +744,8 @@ impl WorkflowExecutor {
         deadline: tokio::time::Instant,
     ) -> StepReport {
         let started = Instant::now();
+        // Keeps the idle reaper away from a session that is working.
+        prepared.guard.touch();
         let layout = &prepared.layout;
         let host = StaticHost::for_step(leg.status, &**vm, layout);
         // The env context: --env-file < workflow < job < GITHUB_ENV.

@@ -1,0 +1,191 @@
+//! What kiln adds on top of running the commands itself, measured as ratios against a baseline
+//! taken in the same run (these machines are shared and noisy, so absolute times mean little).
+//!
+//! `cargo bench -p kiln-runner --bench overhead` prints, for each measurement, the median of N
+//! samples and its ratio to the baseline: spawning `true` with `std::process::Command`.
+//!
+//! - local allocate + release: a session's VM on the local backend;
+//! - local exec `true`: one command through the `Vm` trait (process group, pipes, wait);
+//! - 5-step workflow: a whole run through the executor (session, setup, file commands,
+//!   events, cleanup, release) — divided by 5 it is the per-step overhead;
+//! - with `KILN_BENCH_QEMU=1` and a built image: a cold QEMU VM (boot to agent ready) plus one
+//!   command and release, and one command through the guest agent.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kiln_runner::event::EventSink;
+use kiln_runner::executor::{GitInfo, Isolation, RunContext, RunOptions, WorkflowExecutor};
+use kiln_runner::session::{OnLimit, SessionConfig, SessionManager};
+use kiln_vm::local::LocalProvider;
+use kiln_vm::{
+    BackendConfig, BackendKind, Command, ExecRequest, VmProvider, VmSpec, select_backend,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const FIVE_STEPS: &str = r#"
+name: bench
+on: push
+jobs:
+  a:
+    runs-on: ubuntu-latest
+    steps:
+      - run: "true"
+      - run: echo "x=1" >> "$GITHUB_ENV"
+      - run: test "$x" = 1
+      - id: o
+        run: echo "v=2" >> "$GITHUB_OUTPUT"
+      - run: test "${{ steps.o.outputs.v }}" = 2
+"#;
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn report(name: &str, samples: Vec<Duration>, baseline: Duration) -> Duration {
+    let m = median(samples);
+    println!(
+        "{name:<42} {:>10.3} ms   {:>8.1}x baseline",
+        m.as_secs_f64() * 1e3,
+        m.as_secs_f64() / baseline.as_secs_f64()
+    );
+    m
+}
+
+fn true_request() -> ExecRequest {
+    ExecRequest {
+        command: Command::Argv(vec!["true".into()]),
+        env: Vec::new(),
+        cwd: None,
+        timeout: Some(Duration::from_secs(30)),
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing and wants it quick.
+    let full = std::env::args().any(|a| a == "--bench");
+    let n = if full { 50 } else { 3 };
+    let runtime = tempfile::tempdir().expect("tempdir");
+
+    let baseline = median(
+        (0..n)
+            .map(|_| {
+                let t = Instant::now();
+                let status = std::process::Command::new("true").status().expect("spawn");
+                assert!(status.success());
+                t.elapsed()
+            })
+            .collect(),
+    );
+    println!(
+        "{:<42} {:>10.3} ms   (baseline)",
+        "std::process::Command `true`",
+        baseline.as_secs_f64() * 1e3
+    );
+
+    let local = LocalProvider::new(runtime.path().to_path_buf());
+    let mut samples = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        let allocation = local.allocate(&VmSpec::default()).await.expect("allocate");
+        local.release(&*allocation.vm).await.expect("release");
+        samples.push(t.elapsed());
+    }
+    report("local allocate + release", samples, baseline);
+
+    let vm = local.allocate(&VmSpec::default()).await.expect("allocate").vm;
+    let mut samples = Vec::new();
+    for _ in 0..n {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let t = Instant::now();
+        let outcome = vm.exec(true_request(), tx).await.expect("exec");
+        assert!(outcome.status.success());
+        samples.push(t.elapsed());
+    }
+    report("local exec `true` through Vm", samples, baseline);
+    vm.release().await.expect("release");
+
+    let workflow = kiln_workflow::parse_workflow("bench.yml", FIVE_STEPS).expect("valid");
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let provider: Arc<dyn VmProvider> = Arc::new(LocalProvider::new(runtime.path().to_path_buf()));
+    let executor = WorkflowExecutor::new(SessionManager::new(
+        provider,
+        SessionConfig {
+            max_sessions: 1,
+            on_limit: OnLimit::Wait,
+            ..SessionConfig::default()
+        },
+    ));
+    let runs = if full { 20 } else { 2 };
+    let mut samples = Vec::new();
+    for i in 0..runs {
+        let options = RunOptions {
+            run_id: format!("bench-{i}"),
+            isolation: Isolation::Workflow,
+            spec: VmSpec::default(),
+            context: RunContext::new(
+                "push",
+                Some(workspace.path().to_path_buf()),
+                GitInfo::discover(workspace.path()),
+            ),
+            only_jobs: Vec::new(),
+            matrix_filter: Vec::new(),
+        };
+        let (sink, _rx) = EventSink::channel(options.run_id.clone());
+        let t = Instant::now();
+        let report = executor
+            .execute(&workflow, &options, &sink, &CancellationToken::new())
+            .await
+            .expect("run");
+        samples.push(t.elapsed());
+        assert_eq!(report.result, kiln_runner::event::Conclusion::Success);
+    }
+    report("5-step workflow run, local backend", samples, baseline);
+
+    if std::env::var_os("KILN_BENCH_QEMU").is_some() {
+        qemu(baseline, runtime.path().to_path_buf(), if full { 3 } else { 1 }).await;
+    }
+}
+
+async fn qemu(baseline: Duration, runtime: PathBuf, n: usize) {
+    let data = std::env::var_os("KILN_DATA_DIR").map_or_else(
+        || {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".local/share/kiln")
+        },
+        PathBuf::from,
+    );
+    let selection = match select_backend(BackendKind::Qemu, &BackendConfig::new(runtime, data)).await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            println!("qemu: skipped: {e}");
+            return;
+        }
+    };
+    let provider = selection.provider;
+    let mut boots = Vec::new();
+    let mut execs = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        let allocation = provider.allocate(&VmSpec::default()).await.expect("boot");
+        boots.push(t.elapsed());
+        for _ in 0..5 {
+            let (tx, _rx) = mpsc::unbounded_channel();
+            let t = Instant::now();
+            vm_exec(&*allocation.vm, tx).await;
+            execs.push(t.elapsed());
+        }
+        provider.release(&*allocation.vm).await.expect("release");
+    }
+    report("qemu cold allocate (boot to agent ready)", boots, baseline);
+    report("qemu exec `true` through the agent", execs, baseline);
+}
+
+async fn vm_exec(vm: &dyn kiln_vm::Vm, tx: kiln_vm::OutputSink) {
+    let outcome = vm.exec(true_request(), tx).await.expect("exec");
+    assert!(outcome.status.success());
+}
