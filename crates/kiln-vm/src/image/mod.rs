@@ -507,6 +507,7 @@ pub fn build(
     check_name(&recipe.name)?;
     let (rootfs_hash, recipe_hash) = recipe.hashes()?;
     let _lock = lock(data_dir, &recipe.name)?;
+    remove_stale(data_dir, &recipe.name);
     let existing = open(data_dir, &recipe.name).ok();
     if let Some(image) = &existing
         && image.manifest.recipe_hash == recipe_hash
@@ -574,6 +575,7 @@ pub fn import(
         file_sha256(&options.agent)?
     )));
     let _lock = lock(data_dir, name)?;
+    remove_stale(data_dir, name);
     let staging = Staging::new(data_dir, name)?;
     let work = staging.dir.join("work");
     mkdir(&work)?;
@@ -1061,6 +1063,25 @@ impl Drop for Staging {
     }
 }
 
+/// Removes what an interrupted build, install or removal of `name` left behind. Only called with
+/// the image's lock held, so nothing else is using those directories.
+fn remove_stale(data_dir: &Path, name: &str) {
+    let dir = images_dir(data_dir);
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return;
+    };
+    let prefixes = [".build-", ".old-", ".rm-"].map(|p| format!(".{name}{p}"));
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(file_name) = file_name.to_str() else {
+            continue;
+        };
+        if prefixes.iter().any(|p| file_name.starts_with(p.as_str())) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// An exclusive `flock` on `<images>/.<name>.lock`, released when dropped.
 fn lock(data_dir: &Path, name: &str) -> Result<File, ImageError> {
     let dir = images_dir(data_dir);
@@ -1234,6 +1255,25 @@ fn read_dir_names(dir: &Path) -> Result<Vec<String>, ImageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_build_directories_of_the_image_are_removed() {
+        let data = tempfile::tempdir().unwrap();
+        let images = images_dir(data.path());
+        for d in [
+            ".default.build-1",
+            ".default.old-2",
+            ".default.rm-3",
+            ".other.build-1",
+            "default",
+        ] {
+            fs::create_dir_all(images.join(d).join("x")).unwrap();
+        }
+        remove_stale(data.path(), "default");
+        let mut left = read_dir_names(&images).unwrap();
+        left.sort();
+        assert_eq!(left, [".other.build-1", "default"]);
+    }
 
     #[test]
     fn names_are_checked() {

@@ -171,6 +171,37 @@ pub fn missing_tools(config: &QemuConfig) -> Option<String> {
     None
 }
 
+/// The accelerator verdict a previous `auto` probe cached for this host kernel and QEMU binary,
+/// with its reason (for `kiln doctor`); `None` when no probe ran yet.
+pub fn cached_accel(config: &QemuConfig) -> Option<(Accel, String)> {
+    let text = std::fs::read(config.data_dir.join("qemu-accel.json")).ok()?;
+    let verdict: AccelVerdict = serde_json::from_slice(&text).ok()?;
+    let host_kernel = rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    (verdict.host_kernel == host_kernel && verdict.qemu == qemu_identity(&config.binary)).then(
+        || {
+            let accel = if verdict.kvm { Accel::Kvm } else { Accel::Tcg };
+            (accel, verdict.reason)
+        },
+    )
+}
+
+/// The first line of `qemu-system-x86_64 --version`, e.g. `QEMU emulator version 7.2.18 ...`.
+pub async fn qemu_version(config: &QemuConfig) -> Option<String> {
+    let out = tokio::process::Command::new(&config.binary)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    out.status
+        .success()
+        .then(|| text.lines().next().unwrap_or("").trim().to_owned())
+}
+
 /// The cached result of a KVM probe.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct AccelVerdict {

@@ -134,6 +134,11 @@ async fn two_vms_run_commands_transfer_files_are_distinct_and_leave_nothing() {
     let qemu = provider(runtime.path(), Accel::Auto);
     let (accel, why) = qemu.resolve_accel(&spec()).await.unwrap();
     eprintln!("accelerator: {accel} ({why})");
+    // The verdict is cached for doctor and later runs.
+    let cached = kiln_vm::qemu::cached_accel(qemu.config());
+    assert_eq!(cached.map(|c| c.0), Some(accel));
+    let version = kiln_vm::qemu::qemu_version(qemu.config()).await.unwrap();
+    assert!(version.contains("QEMU"), "{version}");
 
     let started = Instant::now();
     let vm_spec = spec();
