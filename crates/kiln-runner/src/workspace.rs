@@ -60,27 +60,9 @@ pub fn stage(dir: &Path) -> io::Result<Staged> {
     }
     let git_dir = dir.join(".git");
     if git_dir.exists() {
-        copy_tree(&git_dir, &stage.path().join(".git"))?;
+        kiln_vm::local::copy_tree(&git_dir, &stage.path().join(".git"))?;
     }
     Ok(Staged::Copy(stage))
-}
-
-fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
-    let meta = std::fs::symlink_metadata(from)?;
-    if meta.file_type().is_symlink() {
-        std::os::unix::fs::symlink(std::fs::read_link(from)?, to)
-    } else if meta.is_dir() {
-        std::fs::create_dir_all(to)?;
-        for entry in std::fs::read_dir(from)? {
-            let entry = entry?;
-            copy_tree(&entry.path(), &to.join(entry.file_name()))?;
-        }
-        Ok(())
-    } else if meta.is_file() {
-        std::fs::copy(from, to).map(drop)
-    } else {
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -404,7 +404,7 @@ where
 
 /// Copies a file, symlink or directory tree from `from` to `to`, keeping modes and symlinks.
 /// Sockets, FIFOs and devices are skipped.
-pub(crate) fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+pub fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
     let meta = std::fs::symlink_metadata(from)?;
     let kind = meta.file_type();
     if kind.is_symlink() {
