@@ -9,7 +9,7 @@ use kiln_runner::executor::{ExecError, GitInfo, RunContext, RunOptions, Workflow
 use kiln_runner::session::{SessionConfig, SessionManager};
 use kiln_runner::workspace;
 use kiln_vm::{BackendKind, select_backend};
-use kiln_workflow::{StepAction, Workflow};
+use kiln_workflow::{Event, StepAction, Workflow};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -34,14 +34,20 @@ pub async fn run(file: &FileConfig, args: RunArgs) -> Result<u8, Exit> {
         .collect::<Result<Vec<_>, _>>()?;
 
     let single = args.path.is_file();
+    // The event as the trigger filters see it: branch and tag filters apply to its ref.
+    let event = Event {
+        name: args.event.clone(),
+        payload: context.event_payload.clone(),
+        changed_files: None,
+    };
     let mut workflows: Vec<Workflow> = Vec::new();
     for path in discover(&args.path)? {
         let workflow = load(&path)?;
-        if single || workflow.on.has_event(&args.event) {
+        if single || workflow.on.matches(&event) {
             workflows.push(workflow);
         }
     }
-    if single && !workflows.iter().all(|w| w.on.has_event(&args.event)) {
+    if single && !workflows.iter().all(|w| w.on.matches(&event)) {
         eprintln!(
             "note: {} does not trigger on `{}`; running it anyway because it was named",
             display_path(&args.path),

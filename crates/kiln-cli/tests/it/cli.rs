@@ -239,6 +239,10 @@ fn directory_runs_each_matching_workflow_in_its_own_session() {
         ".github/workflows/manual.yml",
         "on: workflow_dispatch\njobs:\n  x:\n    runs-on: x\n    steps:\n      - run: exit 9\n",
     );
+    env.write(
+        ".github/workflows/release-only.yml",
+        "on:\n  push:\n    branches: [release/**]\njobs:\n  x:\n    runs-on: x\n    steps:\n      - run: exit 9\n",
+    );
     let out = env.run(&["run", ".", "push", "--json", "--max-sessions", "2"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let allocations: Vec<serde_json::Value> = text(&out.stdout)
@@ -246,7 +250,11 @@ fn directory_runs_each_matching_workflow_in_its_own_session() {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
         .filter(|l| l["type"] == "session_allocated")
         .collect();
-    assert_eq!(allocations.len(), 2, "the dispatch-only workflow does not run on push");
+    assert_eq!(
+        allocations.len(),
+        2,
+        "neither the dispatch-only nor the release-branch workflow runs on a push to main"
+    );
     assert_ne!(allocations[0]["vm"], allocations[1]["vm"]);
     assert_ne!(allocations[0]["run"], allocations[1]["run"]);
 }
