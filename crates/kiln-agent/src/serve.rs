@@ -48,19 +48,42 @@ pub struct Agent {
     pub reaper: Arc<Reaper>,
     /// Whether the agent is PID 1 (and manages the system).
     pub pid1: bool,
-    /// Running execs: id -> process group id.
-    execs: Mutex<HashMap<RequestId, u32>>,
+    /// Execs from their request to their exit.
+    execs: Mutex<HashMap<RequestId, ExecEntry>>,
+}
+
+/// One exec's kill bookkeeping. A kill that arrives before the process exists (the exec task
+/// has not spawned it yet) is remembered and delivered as soon as it does.
+#[derive(Debug, Default, Clone, Copy)]
+struct ExecEntry {
+    /// The process group, once spawned.
+    pgid: Option<u32>,
+    /// A signal requested before the spawn.
+    pending: Option<Signal>,
 }
 
 impl Agent {
-    fn execs(&self) -> MutexGuard<'_, HashMap<RequestId, u32>> {
+    fn execs(&self) -> MutexGuard<'_, HashMap<RequestId, ExecEntry>> {
         // Single inserts and removes: a poisoned map is still consistent.
         self.execs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records a running exec's process group.
+    /// Records an exec as soon as it is requested, so a kill can never miss it.
+    pub fn exec_requested(&self, id: RequestId) {
+        self.execs().insert(id, ExecEntry::default());
+    }
+
+    /// Records a spawned exec's process group, delivering a kill that came before.
     pub fn exec_started(&self, id: RequestId, pgid: u32) {
-        self.execs().insert(id, pgid);
+        let pending = {
+            let mut execs = self.execs();
+            let entry = execs.entry(id).or_default();
+            entry.pgid = Some(pgid);
+            entry.pending.take()
+        };
+        if let Some(signal) = pending {
+            exec::kill_group(pgid, signal);
+        }
     }
 
     /// Forgets a finished exec.
@@ -75,10 +98,18 @@ impl Agent {
 
     /// Signals one exec's group, or every exec's (under PID 1: every process).
     pub fn kill(&self, target: KillTarget, signal: Signal) {
-        let groups: Vec<u32> = match target {
-            KillTarget::Exec(id) => self.execs().get(&id).copied().into_iter().collect(),
-            KillTarget::All => self.execs().values().copied().collect(),
-        };
+        let mut groups = Vec::new();
+        {
+            let mut execs = self.execs();
+            let mut mark = |entry: &mut ExecEntry| match entry.pgid {
+                Some(pgid) => groups.push(pgid),
+                None => entry.pending = Some(signal),
+            };
+            match target {
+                KillTarget::Exec(id) => execs.get_mut(&id).into_iter().for_each(&mut mark),
+                KillTarget::All => execs.values_mut().for_each(&mut mark),
+            }
+        }
         for pgid in groups {
             exec::kill_group(pgid, signal);
         }
@@ -147,6 +178,7 @@ where
         };
         match message {
             Message::Exec(spec) => {
+                agent.exec_requested(spec.id);
                 tokio::spawn(exec::run(agent.clone(), spec));
             }
             Message::Kill { id, target, signal } => {

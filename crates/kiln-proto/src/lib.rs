@@ -49,6 +49,13 @@
 //! every reply with it, so several execs and transfers can be in flight at once. File contents
 //! travel as [`Message::Chunk`]s of at most [`CHUNK_LEN`] bytes: a plain file as its bytes, a
 //! directory as a tar stream (see [`transfer`]).
+//!
+//! # Fuzzing
+//! The decoder is property-tested in `cargo test` (random bytes, random payloads, mutated frames)
+//! and has a libFuzzer target that feeds arbitrary bytes in arbitrary slices:
+//! `cd crates/kiln-proto/fuzz && cargo fuzz run -s none frame_decoder -- -max_total_time=60`
+//! (`-s none` works on stable; the crate is safe Rust, so the finds would be panics, hangs and
+//! unbounded buffers, which the target asserts against).
 
 #![warn(missing_docs)]
 

@@ -558,6 +558,7 @@ impl GuestClient {
         let _guard = Unregister {
             shared: &self.shared,
             id,
+            armed: true,
         };
         if kind == DownloadKind::Tree {
             return Err(self
@@ -634,6 +635,7 @@ impl GuestClient {
         let _guard = Unregister {
             shared: &self.shared,
             id,
+            armed: true,
         };
         match kind {
             DownloadKind::File { mode } => {
@@ -692,7 +694,11 @@ impl GuestClient {
         let shared = &self.shared;
         let (tx, rx) = oneshot::channel();
         shared.register(id, Route::Reply(tx))?;
-        let _guard = Unregister { shared, id };
+        let _guard = Unregister {
+            shared,
+            id,
+            armed: true,
+        };
         shared.send(message).await?;
         match tokio::time::timeout(REPLY_TIMEOUT, rx).await {
             Err(_) => {
@@ -717,7 +723,11 @@ impl GuestClient {
         let id = shared.next_id();
         let (tx, rx) = oneshot::channel();
         shared.register(id, Route::Reply(tx))?;
-        let _guard = Unregister { shared, id };
+        let _guard = Unregister {
+            shared,
+            id,
+            armed: true,
+        };
         shared
             .send(Message::Put {
                 id,
@@ -750,7 +760,11 @@ impl GuestClient {
         let id = shared.next_id();
         let (tx, mut rx) = mpsc::channel(TRANSFER_QUEUE);
         shared.register(id, Route::Stream(tx))?;
-        let guard = Unregister { shared, id };
+        let mut guard = Unregister {
+            shared,
+            id,
+            armed: true,
+        };
         shared
             .send(Message::Get {
                 id,
@@ -772,7 +786,8 @@ impl GuestClient {
                 return Err(shared.guest_error(format!("The channel closed: {}", shared.reason())));
             }
         };
-        std::mem::forget(guard);
+        // The caller keeps the route (and removes it when done).
+        guard.armed = false;
         Ok((kind, rx, id))
     }
 
@@ -823,15 +838,18 @@ impl ChunkSender {
     }
 }
 
-/// Removes a route when a request's future ends early.
+/// Removes a route when a request's future ends, early or not.
 struct Unregister<'a> {
     shared: &'a Shared,
     id: RequestId,
+    armed: bool,
 }
 
 impl Drop for Unregister<'_> {
     fn drop(&mut self) {
-        self.shared.unregister(self.id);
+        if self.armed {
+            self.shared.unregister(self.id);
+        }
     }
 }
 

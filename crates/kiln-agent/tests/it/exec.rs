@@ -194,6 +194,27 @@ async fn dropping_the_exec_future_kills_the_process_group() {
 }
 
 #[tokio::test]
+async fn an_exec_dropped_right_after_the_request_is_still_killed() {
+    let agent = agent().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let marker = dir.path().join("survived");
+    for _ in 0..5 {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let exec = agent.client.exec(
+            script(&format!("sleep 1\ntouch '{}'\n", marker.display())),
+            tx,
+        );
+        tokio::pin!(exec);
+        // Poll just enough to send the request, then drop: the kill may reach the agent
+        // before it has even spawned the process.
+        let _ = tokio::time::timeout(Duration::from_millis(1), &mut exec).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert!(!marker.exists(), "a dropped exec ran to completion");
+    agent.client.ping().await.expect("pong");
+}
+
+#[tokio::test]
 async fn kill_all_signals_every_running_exec() {
     let agent = agent().await;
     let (tx, _rx) = mpsc::unbounded_channel();

@@ -179,6 +179,22 @@ async fn the_agent_boots_a_guest_as_pid1_and_powers_it_off() {
             "{point} missing from {mounts}"
         );
     }
+    // The guest clock was set from the host's at hello time (microvm has no RTC).
+    let stat =
+        String::from_utf8(client.read_file("/proc/stat").await.expect("stat")).expect("utf-8");
+    let boot_time: u64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("btime");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    assert!(
+        now.abs_diff(boot_time) < 600,
+        "guest boot time {boot_time}, host now {now}"
+    );
     // Hostname applied and made resolvable.
     assert_eq!(
         client
