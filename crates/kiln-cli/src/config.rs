@@ -96,7 +96,11 @@ impl Dirs {
     /// `KILN_DATA_DIR`, else `$XDG_DATA_HOME/kiln`, else `~/.local/share/kiln`; the runtime dir
     /// is `$XDG_RUNTIME_DIR/kiln`, else `/tmp/kiln-<uid>`.
     pub fn from_env() -> Dirs {
-        let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let env = |k: &str| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
         let data = env("KILN_DATA_DIR")
             .or_else(|| env("XDG_DATA_HOME").map(|d| d.join("kiln")))
             .or_else(|| env("HOME").map(|h| h.join(".local/share/kiln")))
@@ -238,7 +242,9 @@ impl Settings {
             memory_mib: vm_type
                 .and_then(|t| t.memory_mib)
                 .unwrap_or(defaults.memory_mib),
-            disk_mib: vm_type.and_then(|t| t.disk_mib).unwrap_or(defaults.disk_mib),
+            disk_mib: vm_type
+                .and_then(|t| t.disk_mib)
+                .unwrap_or(defaults.disk_mib),
         };
         // Labels and per-type timeouts map `runs-on` to VM types in a later version; they are
         // accepted and validated here so that a config written for it already loads.

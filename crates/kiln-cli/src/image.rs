@@ -62,7 +62,10 @@ pub async fn image(file: &FileConfig, cmd: ImageCommand) -> Result<u8, Exit> {
         ImageCommand::List => {
             let images = image::list(&data).map_err(|e| Exit::new(exit::INFRA, e))?;
             if images.is_empty() {
-                eprintln!("No images in {}. Build one with `kiln image build`.", data.display());
+                eprintln!(
+                    "No images in {}. Build one with `kiln image build`.",
+                    data.display()
+                );
             }
             for info in images {
                 println!(

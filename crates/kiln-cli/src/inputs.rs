@@ -28,8 +28,8 @@ fn valid_name(name: &str) -> bool {
 /// Reads a file of `NAME=VALUE` lines: `#` comments, blank lines, an optional `export `, and
 /// values in single or double quotes (double quotes understand `\n`, `\"` and `\\`).
 pub fn read_env_file(path: &Path) -> anyhow::Result<IndexMap<String, String>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("Cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("Cannot read {}", path.display()))?;
     parse_env_file(&text).map_err(|(line, msg)| anyhow::anyhow!("{}:{line}: {msg}", path.display()))
 }
 
@@ -80,10 +80,8 @@ mod tests {
 
     #[test]
     fn env_files() {
-        let parsed = parse_env_file(
-            "# comment\nexport A=1\nB=\"two\\nlines\"\nC='raw $x'\n\nD=\n",
-        )
-        .expect("parse");
+        let parsed = parse_env_file("# comment\nexport A=1\nB=\"two\\nlines\"\nC='raw $x'\n\nD=\n")
+            .expect("parse");
         assert_eq!(parsed["A"], "1");
         assert_eq!(parsed["B"], "two\nlines");
         assert_eq!(parsed["C"], "raw $x");

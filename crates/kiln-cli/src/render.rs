@@ -94,10 +94,7 @@ impl Terminal {
         Some(match &event.kind {
             EventKind::RunStarted { workflow, file, .. } => {
                 self.workflows.insert(run.to_owned(), workflow.clone());
-                format!(
-                    "{} {workflow} ({file})",
-                    self.style.paint("1", "▶ Run")
-                )
+                format!("{} {workflow} ({file})", self.style.paint("1", "▶ Run"))
             }
             EventKind::SessionAllocated {
                 vm,
@@ -118,7 +115,11 @@ impl Terminal {
                 format!("{} 🚀 Start job", self.prefix(run, job))
             }
             EventKind::JobFinished { job, result, .. } => {
-                format!("{} 🏁 Job {}", self.prefix(run, job), self.style.conclusion(*result))
+                format!(
+                    "{} 🏁 Job {}",
+                    self.prefix(run, job),
+                    self.style.conclusion(*result)
+                )
             }
             EventKind::StepStarted { job, name, .. } => {
                 format!("{} ⭐ {name}", self.prefix(run, job))

@@ -74,8 +74,8 @@ pub async fn run(file: &FileConfig, args: RunArgs) -> Result<u8, Exit> {
         .backend_config(&dirs, settings.boot_timeout)
         .map_err(usage)?;
     let selection = select_backend(settings.backend, &backend_config)
-    .await
-    .map_err(|e| Exit::new(exit::INFRA, e))?;
+        .await
+        .map_err(|e| Exit::new(exit::INFRA, e))?;
     let style = Style::detect();
     if !selection.provider.isolates() {
         eprintln!(
@@ -85,17 +85,21 @@ pub async fn run(file: &FileConfig, args: RunArgs) -> Result<u8, Exit> {
             selection.reason
         );
     } else {
-        eprintln!("Backend {}: {}", selection.provider.name(), selection.reason);
+        eprintln!(
+            "Backend {}: {}",
+            selection.provider.name(),
+            selection.reason
+        );
     }
 
     // Only what git would commit is copied into the VM (no build output, no ignored files).
-    let staged = match &context.workspace {
-        Some(dir) => Some(
-            workspace::stage(dir)
-                .map_err(|e| Exit::new(exit::INFRA, anyhow!("Cannot stage {}: {e}", dir.display())))?,
-        ),
-        None => None,
-    };
+    let staged =
+        match &context.workspace {
+            Some(dir) => Some(workspace::stage(dir).map_err(|e| {
+                Exit::new(exit::INFRA, anyhow!("Cannot stage {}: {e}", dir.display()))
+            })?),
+            None => None,
+        };
     let mut context = context;
     context.workspace = staged.as_ref().map(|s| s.path().to_path_buf());
 
@@ -184,7 +188,11 @@ pub async fn run(file: &FileConfig, args: RunArgs) -> Result<u8, Exit> {
             }
             Ok(Some(Err(e))) => {
                 eprintln!("error: run {run_id}: {}", error_chain(&e));
-                raise(if e.is_user_error() { exit::USAGE } else { exit::INFRA });
+                raise(if e.is_user_error() {
+                    exit::USAGE
+                } else {
+                    exit::INFRA
+                });
             }
             Ok(None) => {
                 eprintln!("run {run_id}: stopped");
@@ -229,7 +237,9 @@ async fn watch_interrupts(cancel: CancellationToken, abort: CancellationToken) {
     if tokio::signal::ctrl_c().await.is_err() {
         return;
     }
-    eprintln!("\nCancelling: running steps are stopped, cleanup still runs. Ctrl-C again to stop at once.");
+    eprintln!(
+        "\nCancelling: running steps are stopped, cleanup still runs. Ctrl-C again to stop at once."
+    );
     cancel.cancel();
     if tokio::signal::ctrl_c().await.is_ok() {
         eprintln!("\nStopping now; releasing VMs.");

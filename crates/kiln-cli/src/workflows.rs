@@ -16,10 +16,17 @@ pub fn discover(path: &Path) -> Result<Vec<PathBuf>, Exit> {
         return Ok(vec![path.to_path_buf()]);
     }
     if !path.is_dir() {
-        return Err(usage(anyhow!("{}: no such file or directory", path.display())));
+        return Err(usage(anyhow!(
+            "{}: no such file or directory",
+            path.display()
+        )));
     }
     let nested = path.join(".github/workflows");
-    let dir = if nested.is_dir() { nested } else { path.to_path_buf() };
+    let dir = if nested.is_dir() {
+        nested
+    } else {
+        path.to_path_buf()
+    };
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .map_err(|e| usage(anyhow!("Cannot read {}: {e}", dir.display())))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -53,8 +60,12 @@ pub fn display_path(path: &Path) -> String {
 pub fn load(path: &Path) -> Result<Workflow, Exit> {
     let shown = display_path(path);
     let bytes = std::fs::read(path).map_err(|e| usage(anyhow!("Cannot read {shown}: {e}")))?;
-    let text = String::from_utf8(bytes)
-        .map_err(|e| usage(anyhow!("{shown}: not valid UTF-8 (byte {})", e.utf8_error().valid_up_to())))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        usage(anyhow!(
+            "{shown}: not valid UTF-8 (byte {})",
+            e.utf8_error().valid_up_to()
+        ))
+    })?;
     kiln_workflow::parse_workflow(&shown, &text).map_err(|e| Exit::new(exit::USAGE, anyhow!("{e}")))
 }
 
@@ -86,10 +97,20 @@ pub fn list(args: &ListArgs) -> Result<u8, Exit> {
         }
     }
     if rows.is_empty() {
-        eprintln!("No workflow in {} runs on `{}`.", args.path.display(), args.event);
+        eprintln!(
+            "No workflow in {} runs on `{}`.",
+            args.path.display(),
+            args.event
+        );
         return Ok(exit::SUCCESS);
     }
-    let header = ["Stage", "Job ID", "Job name", "Workflow name", "Workflow file"];
+    let header = [
+        "Stage",
+        "Job ID",
+        "Job name",
+        "Workflow name",
+        "Workflow file",
+    ];
     let mut widths = header.map(str::len);
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {

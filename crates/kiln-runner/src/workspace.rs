@@ -40,7 +40,9 @@ pub fn stage(dir: &Path) -> io::Result<Staged> {
         // Not a git work tree, or no git: use the directory as it is.
         _ => return Ok(Staged::Direct(dir.to_path_buf())),
     };
-    let stage = tempfile::Builder::new().prefix("kiln-workspace-").tempdir()?;
+    let stage = tempfile::Builder::new()
+        .prefix("kiln-workspace-")
+        .tempdir()?;
     for rel in files.split(|&b| b == 0).filter(|s| !s.is_empty()) {
         let rel = Path::new(std::str::from_utf8(rel).map_err(io::Error::other)?);
         let from = dir.join(rel);

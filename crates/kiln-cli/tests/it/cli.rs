@@ -82,7 +82,10 @@ fn success_exits_0_with_live_output_and_summary() {
     let out = env.run(&["run", "ok.yml"]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert!(stderr.contains("[ok/build]   | hello-from-step"), "{stderr}");
+    assert!(
+        stderr.contains("[ok/build]   | hello-from-step"),
+        "{stderr}"
+    );
     assert!(stderr.contains("Summary ok"), "{stderr}");
     assert!(stderr.contains("does NOT isolate"), "{stderr}");
     assert!(out.stdout.is_empty(), "people's output goes to stderr");
@@ -96,7 +99,10 @@ fn failure_exits_1() {
     let out = env.run(&["run", "fail.yml"]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("Process completed with exit code 4."), "{stderr}");
+    assert!(
+        stderr.contains("Process completed with exit code 4."),
+        "{stderr}"
+    );
     assert!(env.leftovers().is_empty());
 }
 
@@ -105,14 +111,22 @@ fn assert_usage_error(env: &Env, file: &str, yaml: &str, expected: &str) {
     let out = env.run(&["run", file]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{file}: {stderr}");
-    assert!(stderr.contains(expected), "{file}: expected `{expected}` in\n{stderr}");
+    assert!(
+        stderr.contains(expected),
+        "{file}: expected `{expected}` in\n{stderr}"
+    );
     assert!(env.leftovers().is_empty(), "nothing may be allocated");
 }
 
 #[test]
 fn invalid_yaml_exits_2_with_position() {
     let env = Env::new();
-    assert_usage_error(&env, "bad.yml", "on: push\njobs:\n  a: [\n", "bad.yml:3:6: Invalid YAML");
+    assert_usage_error(
+        &env,
+        "bad.yml",
+        "on: push\njobs:\n  a: [\n",
+        "bad.yml:3:6: Invalid YAML",
+    );
 }
 
 #[test]
@@ -206,7 +220,12 @@ fn seed_log_lines_at_info_level() {
         "two.yml",
         "name: two\non: push\njobs:\n  a:\n    runs-on: x\n    steps:\n      - name: first\n        run: 'true'\n      - name: second\n        run: 'true'\n",
     );
-    let out = env.kiln().args(["run", "two.yml"]).env("KILN_LOG", "info").output().expect("run");
+    let out = env
+        .kiln()
+        .args(["run", "two.yml"])
+        .env("KILN_LOG", "info")
+        .output()
+        .expect("run");
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     let allocated = stderr
@@ -219,11 +238,19 @@ fn seed_log_lines_at_info_level() {
     );
     assert!(stderr.contains("Executing step 1/2: first"), "{stderr}");
     assert!(stderr.contains("Executing step 2/2: second"), "{stderr}");
-    assert!(stderr.contains("Workflow 'two' completed successfully in "), "{stderr}");
+    assert!(
+        stderr.contains("Workflow 'two' completed successfully in "),
+        "{stderr}"
+    );
     assert_eq!(stderr.matches("Allocated VM ").count(), 1);
 
     env.write("fail.yml", FAILING);
-    let out = env.kiln().args(["run", "fail.yml"]).env("KILN_LOG", "info").output().expect("run");
+    let out = env
+        .kiln()
+        .args(["run", "fail.yml"])
+        .env("KILN_LOG", "info")
+        .output()
+        .expect("run");
     assert!(text(&out.stderr).contains("Workflow 'failing' failed in "));
 }
 

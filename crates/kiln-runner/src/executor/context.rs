@@ -51,7 +51,11 @@ impl RunContext {
     }
 
     /// The contexts every expression of `job_id` may see before its steps run.
-    pub(crate) fn base_contexts(&self, workflow: &Workflow, job_id: &str) -> IndexMap<String, Value> {
+    pub(crate) fn base_contexts(
+        &self,
+        workflow: &Workflow,
+        job_id: &str,
+    ) -> IndexMap<String, Value> {
         let mut map = IndexMap::new();
         map.insert("github".into(), self.github_value(workflow, job_id));
         map.insert("env".into(), Value::Object(IndexMap::new()));
@@ -112,7 +116,10 @@ impl RunContext {
             ("api_url", s("https://api.github.com")),
             ("graphql_url", s("https://api.github.com/graphql")),
             ("action", s("")),
-            ("token", s(self.secrets.get("GITHUB_TOKEN").map_or("", String::as_str))),
+            (
+                "token",
+                s(self.secrets.get("GITHUB_TOKEN").map_or("", String::as_str)),
+            ),
         ])
     }
 }
@@ -122,7 +129,12 @@ fn workflow_ref(workflow: &Workflow, git: &GitInfo) -> String {
 }
 
 fn object<'a>(entries: impl IntoIterator<Item = (&'a str, Value)>) -> Value {
-    Value::Object(entries.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+    Value::Object(
+        entries
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+    )
 }
 
 fn strings(map: &IndexMap<String, String>) -> Value {
@@ -143,7 +155,10 @@ pub(crate) fn needs_context(job: &Job, results: &HashMap<String, NeedResult>) ->
         };
         map.insert(
             need.value.clone(),
-            object([("result", Value::String(result.into())), ("outputs", outputs)]),
+            object([
+                ("result", Value::String(result.into())),
+                ("outputs", outputs),
+            ]),
         );
     }
     Value::Object(map)
@@ -170,7 +185,8 @@ pub(crate) fn matrix_legs(
     } else {
         def.clone()
     };
-    let legs = kiln_workflow::expand_matrix(&evaluated).map_err(|e| format!("{}: {e}", def.span()))?;
+    let legs =
+        kiln_workflow::expand_matrix(&evaluated).map_err(|e| format!("{}: {e}", def.span()))?;
     Ok(legs
         .into_iter()
         .filter(|leg| {
@@ -289,7 +305,10 @@ pub(crate) fn default_env(
         ("GITHUB_ACTOR", git.actor.clone()),
         ("GITHUB_TRIGGERING_ACTOR", git.actor.clone()),
         ("GITHUB_API_URL", "https://api.github.com".to_owned()),
-        ("GITHUB_GRAPHQL_URL", "https://api.github.com/graphql".to_owned()),
+        (
+            "GITHUB_GRAPHQL_URL",
+            "https://api.github.com/graphql".to_owned(),
+        ),
         ("GITHUB_SERVER_URL", "https://github.com".to_owned()),
         ("GITHUB_BASE_REF", pr("base")),
         ("GITHUB_HEAD_REF", pr("head")),

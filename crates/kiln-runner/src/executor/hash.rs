@@ -97,6 +97,9 @@ mod tests {
         assert_eq!(all, expected);
         let fewer = hash_files(dir.path(), &["**/*.lock".into(), "!a/**".into()]).expect("hash");
         assert_ne!(fewer, all);
-        assert_eq!(hash_files(dir.path(), &["*.none".into()]).expect("hash"), "");
+        assert_eq!(
+            hash_files(dir.path(), &["*.none".into()]).expect("hash"),
+            ""
+        );
     }
 }

@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 use indexmap::IndexMap;
 use kiln_vm::{ExecRequest, ExitStatus, Output, Stream, Vm, VmError, VmSpec};
 use kiln_workflow::{
-    BoolOrExpr, Condition, EvalContext, Job, JobStatus, MatrixLeg, NumberOrExpr, Step,
-    StepAction, Template, Value, Workflow,
+    BoolOrExpr, Condition, EvalContext, Job, JobStatus, MatrixLeg, NumberOrExpr, Step, StepAction,
+    Template, Value, Workflow,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -182,8 +182,10 @@ pub enum ExecError {
 impl ExecError {
     /// Whether this is the user's workflow's fault (exit code 2) rather than the host's (3).
     pub fn is_user_error(&self) -> bool {
-        matches!(self, ExecError::Unsupported { .. } | ExecError::Graph { .. })
-            || matches!(self, ExecError::Session { source, .. }
+        matches!(
+            self,
+            ExecError::Unsupported { .. } | ExecError::Graph { .. }
+        ) || matches!(self, ExecError::Session { source, .. }
                 if matches!(**source, SessionError::LimitReached { .. }))
     }
 }
@@ -293,13 +295,14 @@ impl WorkflowExecutor {
             Isolation::Job => self.run_session_per_job(&state, &levels).await,
         };
         let elapsed = started.elapsed();
-        let vm_allocations = state
-            .allocations
-            .load(std::sync::atomic::Ordering::SeqCst);
+        let vm_allocations = state.allocations.load(std::sync::atomic::Ordering::SeqCst);
         let jobs = match outcome {
             Ok(jobs) => jobs,
             Err(e) => {
-                error!("Workflow '{name}' failed in {} ms: {e}", elapsed.as_millis());
+                error!(
+                    "Workflow '{name}' failed in {} ms: {e}",
+                    elapsed.as_millis()
+                );
                 events.emit(EventKind::RunFinished {
                     workflow: name,
                     result: Conclusion::Failure,
@@ -316,7 +319,10 @@ impl WorkflowExecutor {
                 elapsed.as_millis()
             );
         } else {
-            info!("Workflow '{name}' failed in {} ms ({result})", elapsed.as_millis());
+            info!(
+                "Workflow '{name}' failed in {} ms ({result})",
+                elapsed.as_millis()
+            );
         }
         events.emit(EventKind::RunFinished {
             workflow: name.clone(),
@@ -454,10 +460,9 @@ impl WorkflowExecutor {
         if let Err(e) = self.sessions.release_session(prepared.guard).await {
             error!(vm = %vm_id, "release of session {session} failed: {e}");
         }
-        state.events.emit(EventKind::SessionReleased {
-            session,
-            vm: vm_id,
-        });
+        state
+            .events
+            .emit(EventKind::SessionReleased { session, vm: vm_id });
     }
 
     /// Runs every leg of one job. With `shared`, in that session; otherwise each leg gets its
@@ -506,7 +511,16 @@ impl WorkflowExecutor {
             Some(prepared) => {
                 for (index, leg) in legs.iter().enumerate() {
                     let report = self
-                        .run_leg(state, job_id, job, leg, (index, total), &ctx_map, prepared, &leg_cancel)
+                        .run_leg(
+                            state,
+                            job_id,
+                            job,
+                            leg,
+                            (index, total),
+                            &ctx_map,
+                            prepared,
+                            &leg_cancel,
+                        )
                         .await;
                     if fail_fast && report.result == Conclusion::Failure && total > 1 {
                         leg_cancel.cancel();
@@ -526,7 +540,16 @@ impl WorkflowExecutor {
                         };
                         let prepared = self.open_session(state, session_id).await?;
                         let report = self
-                            .run_leg(state, job_id, job, leg, (index, total), ctx_map, &prepared, leg_cancel)
+                            .run_leg(
+                                state,
+                                job_id,
+                                job,
+                                leg,
+                                (index, total),
+                                ctx_map,
+                                &prepared,
+                                leg_cancel,
+                            )
                             .await;
                         if fail_fast && report.result == Conclusion::Failure && total > 1 {
                             leg_cancel.cancel();
@@ -769,10 +792,7 @@ impl WorkflowExecutor {
             None => step.display_name(),
         };
         let id = step.id.as_ref().map(|s| s.value.clone());
-        info!(
-            "Executing step {}/{total_steps}: {name}",
-            step.index + 1
-        );
+        info!("Executing step {}/{total_steps}: {name}", step.index + 1);
         state.events.emit(EventKind::StepStarted {
             job: job_id.to_owned(),
             step: step.index,
@@ -808,7 +828,9 @@ impl WorkflowExecutor {
                 Ok(v) => {
                     env.insert(k.clone(), v);
                 }
-                Err(e) => return self.finish_failed(state, job_id, step, &name, vm, leg, started, e),
+                Err(e) => {
+                    return self.finish_failed(state, job_id, step, &name, vm, leg, started, e);
+                }
             }
         }
         ctx_map.insert("env".into(), string_map_value(&env));
@@ -835,7 +857,16 @@ impl WorkflowExecutor {
         let files = FileCommandPaths::new(layout, step.index);
         for path in files.all() {
             if let Err(e) = vm.write_file(path, b"").await {
-                return self.finish_failed(state, job_id, step, &name, vm, leg, started, e.to_string());
+                return self.finish_failed(
+                    state,
+                    job_id,
+                    step,
+                    &name,
+                    vm,
+                    leg,
+                    started,
+                    e.to_string(),
+                );
             }
         }
         let mut exec_env = context::default_env(
@@ -1324,7 +1355,9 @@ impl kiln_workflow::Host for StaticHost {
     fn hash_files(&self, patterns: &[String]) -> Result<String, String> {
         match &self.workspace {
             Some(dir) => hash::hash_files(dir, patterns),
-            None => Err("hashFiles() is only available in steps on the local backend so far".into()),
+            None => {
+                Err("hashFiles() is only available in steps on the local backend so far".into())
+            }
         }
     }
 }
@@ -1409,7 +1442,9 @@ fn millis(d: Duration) -> u64 {
 }
 
 /// Runs the futures concurrently and returns their outputs in order.
-async fn futures_join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl IntoIterator<Item = F>,
+) -> Vec<F::Output> {
     let mut pinned: Vec<_> = futures.into_iter().map(Box::pin).collect();
     let mut results: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
     std::future::poll_fn(|cx| {
@@ -1438,7 +1473,12 @@ async fn setup(vm: &dyn Vm, layout: &Layout, context: &RunContext) -> Result<Str
     if let Some(src) = &context.workspace {
         vm.copy_in(src, &layout.workspace).await?;
     }
-    for dir in [&layout.temp, &layout.tool_cache, &layout.home, &layout.workspace] {
+    for dir in [
+        &layout.temp,
+        &layout.tool_cache,
+        &layout.home,
+        &layout.workspace,
+    ] {
         vm.write_file(&format!("{dir}/.kiln-keep"), b"").await?;
     }
     let payload = serde_json::to_vec_pretty(&context.event_payload).unwrap_or_default();
@@ -1473,7 +1513,10 @@ async fn setup(vm: &dyn Vm, layout: &Layout, context: &RunContext) -> Result<Str
     if !outcome.status.success() {
         return Err(VmError::Guest {
             vm: vm.id().to_owned(),
-            message: format!("preparing the runner directories ended with {}", outcome.status),
+            message: format!(
+                "preparing the runner directories ended with {}",
+                outcome.status
+            ),
         });
     }
     Ok(String::from_utf8_lossy(&path).into_owned())
@@ -1502,7 +1545,13 @@ impl FileCommandPaths {
     }
 
     fn all(&self) -> [&String; 5] {
-        [&self.env, &self.output, &self.path, &self.state, &self.summary]
+        [
+            &self.env,
+            &self.output,
+            &self.path,
+            &self.state,
+            &self.summary,
+        ]
     }
 }
 

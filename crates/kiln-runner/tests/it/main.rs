@@ -1,4 +1,5 @@
 //! Integration tests of kiln-runner.
 
 mod executor;
+mod qemu;
 mod session;

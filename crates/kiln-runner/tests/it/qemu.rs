@@ -1,0 +1,211 @@
+//! The seed's invariants on real VMs: whole workflow runs through the executor on the QEMU
+//! backend (TCG here, KVM where it works). A handful of boots in all.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_runner::event::{Conclusion, EventKind, EventSink, RunEvent};
+use kiln_runner::executor::{GitInfo, Isolation, RunContext, RunOptions, WorkflowExecutor};
+use kiln_runner::session::{OnLimit, SessionConfig, SessionManager};
+use kiln_vm::{BackendConfig, BackendKind, VmSpec, select_backend};
+use tokio_util::sync::CancellationToken;
+
+struct Fixture {
+    runtime: tempfile::TempDir,
+    workspace: tempfile::TempDir,
+    executor: WorkflowExecutor,
+}
+
+async fn fixture() -> Option<Fixture> {
+    if kiln_test_support::skip_vm_tests() {
+        return None;
+    }
+    let image = tokio::task::spawn_blocking(kiln_test_support::default_image)
+        .await
+        .expect("image builder");
+    let runtime = tempfile::tempdir().expect("tempdir");
+    let workspace = tempfile::tempdir().expect("tempdir");
+    std::fs::write(workspace.path().join("README"), "from the host\n").expect("write");
+    let data_dir = image
+        .dir
+        .parent()
+        .and_then(Path::parent)
+        .expect("images live in <data>/images/<name>")
+        .to_path_buf();
+    let config = BackendConfig::new(runtime.path().to_path_buf(), data_dir);
+    let selection = select_backend(BackendKind::Qemu, &config)
+        .await
+        .expect("the QEMU backend is usable");
+    let sessions = SessionManager::new(
+        selection.provider,
+        SessionConfig {
+            max_sessions: 2,
+            on_limit: OnLimit::Wait,
+            ..SessionConfig::default()
+        },
+    );
+    Some(Fixture {
+        runtime,
+        workspace,
+        executor: WorkflowExecutor::new(sessions),
+    })
+}
+
+impl Fixture {
+    async fn run(&self, yaml: &str) -> (Conclusion, Vec<RunEvent>, usize) {
+        let workflow = kiln_workflow::parse_workflow("vm.yml", yaml).expect("valid");
+        let options = RunOptions {
+            run_id: format!("vm-{}", uuid::Uuid::new_v4().simple()),
+            isolation: Isolation::Workflow,
+            spec: VmSpec {
+                memory_mib: 512,
+                vcpus: 1,
+                ..VmSpec::default()
+            },
+            context: RunContext::new(
+                "push",
+                Some(self.workspace.path().to_path_buf()),
+                GitInfo::discover(self.workspace.path()),
+            ),
+            only_jobs: Vec::new(),
+            matrix_filter: Vec::new(),
+        };
+        let (sink, mut rx) = EventSink::channel(options.run_id.clone());
+        let report = self
+            .executor
+            .execute(&workflow, &options, &sink, &CancellationToken::new())
+            .await
+            .expect("run");
+        drop(sink);
+        let mut events = Vec::new();
+        while let Some(e) = rx.recv().await {
+            events.push(e);
+        }
+        (report.result, events, report.vm_allocations)
+    }
+
+    fn leftovers(&self) -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(self.runtime.path())
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default()
+    }
+}
+
+fn logs(events: &[RunEvent]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::Log { line, .. } => Some(line.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn qemu_processes_for(vm: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| {
+                    std::fs::read(e.path().join("cmdline"))
+                        .is_ok_and(|c| String::from_utf8_lossy(&c).contains(vm))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+const STEPS: &str = r#"
+name: in-a-vm
+on: push
+jobs:
+  a:
+    runs-on: ubuntu-latest
+    steps:
+      - run: echo "boot=$(cat /proc/sys/kernel/random/boot_id)"; echo "kernel=$(uname -r)"; echo one > "$RUNNER_TEMP/f"
+      - run: echo "boot=$(cat /proc/sys/kernel/random/boot_id)"; cat "$RUNNER_TEMP/f"; cat README
+  b:
+    needs: a
+    runs-on: ubuntu-latest
+    steps:
+      - run: echo "boot=$(cat /proc/sys/kernel/random/boot_id)"; test -f "$RUNNER_TEMP/f" && echo shared
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_runs_every_step_in_one_real_vm_and_releases_it() {
+    let Some(f) = fixture().await else { return };
+    let (result, events, allocations) = f.run(STEPS).await;
+    assert_eq!(result, Conclusion::Success, "{:?}", logs(&events));
+    assert_eq!(allocations, 1);
+    let logs = logs(&events);
+    let boots: Vec<&String> = logs.iter().filter(|l| l.starts_with("boot=")).collect();
+    assert_eq!(boots.len(), 3, "{logs:?}");
+    assert!(
+        boots.iter().all(|b| *b == boots[0]),
+        "one VM for all jobs: {boots:?}"
+    );
+    let host_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot id");
+    assert_ne!(
+        boots[0].trim_start_matches("boot="),
+        host_boot.trim(),
+        "a real guest"
+    );
+    let kernel = logs
+        .iter()
+        .find(|l| l.starts_with("kernel="))
+        .expect("kernel");
+    assert!(
+        kernel.contains("cloud-amd64"),
+        "the guest's own kernel: {kernel}"
+    );
+    for expected in ["one", "from the host", "shared"] {
+        assert!(
+            logs.contains(&expected.to_owned()),
+            "missing {expected}: {logs:?}"
+        );
+    }
+    let vm = events
+        .iter()
+        .find_map(|e| match &e.kind {
+            EventKind::SessionAllocated { vm, backend, .. } => {
+                assert_eq!(backend, "qemu");
+                Some(vm.clone())
+            }
+            _ => None,
+        })
+        .expect("allocation");
+    kiln_test_support::wait_until("the QEMU process to exit", Duration::from_secs(10), || {
+        qemu_processes_for(&vm) == 0
+    });
+    assert!(f.leftovers().is_empty(), "{:?}", f.leftovers());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_parallel_workflows_get_two_distinct_vms() {
+    let Some(f) = fixture().await else { return };
+    let f = Arc::new(f);
+    let yaml = r#"
+on: push
+jobs:
+  a:
+    runs-on: ubuntu-latest
+    steps:
+      - run: echo "boot=$(cat /proc/sys/kernel/random/boot_id)"
+"#;
+    let runs: Vec<_> = (0..2)
+        .map(|_| {
+            let f = f.clone();
+            tokio::spawn(async move { f.run(yaml).await })
+        })
+        .collect();
+    let mut boots = Vec::new();
+    for run in runs {
+        let (result, events, allocations) = run.await.expect("join");
+        assert_eq!(result, Conclusion::Success);
+        assert_eq!(allocations, 1);
+        boots.extend(logs(&events).into_iter().filter(|l| l.starts_with("boot=")));
+    }
+    assert_eq!(boots.len(), 2);
+    assert_ne!(boots[0], boots[1]);
+    assert!(f.leftovers().is_empty(), "{:?}", f.leftovers());
+}
