@@ -1,6 +1,7 @@
 //! Integration tests: the real `kiln-agent --stdio` binary, driven by the real host client
 //! (`kiln_vm::guest::GuestClient`), running real processes on this machine.
 
+mod bench;
 mod exec;
 mod files;
 mod protocol;

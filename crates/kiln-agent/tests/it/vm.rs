@@ -243,6 +243,27 @@ async fn the_agent_boots_a_guest_as_pid1_and_powers_it_off() {
         ExitStatus::Exited(2)
     );
 
+    // Round-trip figures under TCG (printed with --nocapture).
+    let mut samples = Vec::new();
+    for _ in 0..30 {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let request = ExecRequest {
+            command: Command::Argv(vec!["/bin/agent".into(), "--version".into()]),
+            env: Vec::new(),
+            cwd: None,
+            timeout: None,
+        };
+        let outcome = client.exec(request, tx).await.expect("exec");
+        assert!(outcome.status.success());
+        samples.push(outcome.duration);
+    }
+    crate::bench::report("TCG guest: exec of the static agent (--version)", samples);
+    let mut pings = Vec::new();
+    for _ in 0..30 {
+        pings.push(client.ping().await.expect("pong"));
+    }
+    crate::bench::report("TCG guest: ping", pings);
+
     // Files round-trip through the guest's tmpfs.
     client
         .write_file("/tmp/x/y.txt", b"inside the guest")
