@@ -357,3 +357,58 @@ fn example_workflow_from_the_readme_runs() {
     assert!(stderr.contains("integration ok"), "{stderr}");
     assert!(env.leftovers().is_empty());
 }
+
+#[test]
+fn example_workflow_runs_in_a_real_vm() {
+    if kiln_test_support::skip_vm_tests() {
+        return;
+    }
+    let image = kiln_test_support::default_image();
+    let data = image
+        .dir
+        .parent()
+        .and_then(Path::parent)
+        .expect("images live in <data>/images/<name>")
+        .to_path_buf();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello.yml");
+    let env = Env::new();
+    let out = env
+        .kiln()
+        .args(["run", "--json", "--backend", "qemu"])
+        .arg(&example)
+        .env("KILN_DATA_DIR", &data)
+        .output()
+        .expect("run");
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let allocation = lines
+        .iter()
+        .find(|l| l["type"] == "session_allocated")
+        .expect("allocation");
+    assert_eq!(allocation["backend"], "qemu");
+    let vm = allocation["vm"].as_str().expect("vm id");
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l["type"] == "session_allocated")
+            .count(),
+        1
+    );
+    assert!(
+        lines
+            .iter()
+            .filter(|l| l["type"] == "step_started")
+            .all(|l| l["vm"] == vm)
+    );
+    assert!(lines.iter().any(|l| {
+        l["type"] == "log"
+            && l["line"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("Hello from Linux on VM kiln-qemu-"))
+    }));
+    assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
+}
