@@ -326,12 +326,31 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut writer: FrameWriter<W>,
     mut rx: mpsc::Receiver<Message>,
 ) {
-    while let Some(message) = rx.recv().await {
-        let mut result = writer.feed(&message).await;
-        while result.is_ok()
-            && let Ok(more) = rx.try_recv()
-        {
-            result = writer.feed(&more).await;
+    while let Some(first) = rx.recv().await {
+        // Batch what is queued into one flush.
+        let mut next = Some(first);
+        let mut result = Ok(());
+        while let Some(message) = next.take() {
+            match writer.feed(&message).await {
+                Ok(()) => {}
+                // Nothing was written for a message too large to encode: report that instead.
+                Err(ProtoError::Encode(reason)) => {
+                    log!("cannot send a message: {reason}");
+                    let error = Message::Error {
+                        id: message.id(),
+                        message: format!("The agent could not send a reply: {reason}"),
+                    };
+                    if let Err(e) = writer.feed(&error).await {
+                        result = Err(e);
+                        break;
+                    }
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+            next = rx.try_recv().ok();
         }
         if let Err(e) = match result {
             Ok(()) => writer.flush().await,

@@ -235,6 +235,26 @@ impl Shared {
             .unwrap_or_else(|| "closed".to_owned())
     }
 
+    /// Fails one pending request.
+    fn fail(&self, id: RequestId, reason: String) {
+        let route = self.lock().map.remove(&id);
+        match route {
+            Some(Route::Exec { done, .. }) => {
+                let _ = done.send(Err(reason));
+            }
+            Some(Route::Reply(tx)) => {
+                let _ = tx.send(Err(reason));
+            }
+            Some(Route::Stream(tx)) => {
+                let _ = tx.try_send(Message::Error {
+                    id: Some(id),
+                    message: reason,
+                });
+            }
+            None => {}
+        }
+    }
+
     /// Marks the connection dead and fails every pending request.
     fn close(&self, reason: String) {
         let pending = {
@@ -933,12 +953,26 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut rx: mpsc::Receiver<Message>,
     shared: std::sync::Weak<Shared>,
 ) {
-    while let Some(message) = rx.recv().await {
-        let mut result = writer.feed(&message).await;
-        while result.is_ok()
-            && let Ok(more) = rx.try_recv()
-        {
-            result = writer.feed(&more).await;
+    while let Some(first) = rx.recv().await {
+        // Batch what is queued into one flush.
+        let mut next = Some(first);
+        let mut result = Ok(());
+        while let Some(message) = next.take() {
+            match writer.feed(&message).await {
+                Ok(()) => {}
+                // One message too large to send fails its own request, not the connection
+                // (nothing was written for it).
+                Err(ProtoError::Encode(reason)) => {
+                    if let (Some(shared), Some(id)) = (shared.upgrade(), message.id()) {
+                        shared.fail(id, format!("Cannot send the request: {reason}"));
+                    }
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+            next = rx.try_recv().ok();
         }
         if let Err(e) = match result {
             Ok(()) => writer.flush().await,

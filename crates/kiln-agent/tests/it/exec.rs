@@ -320,3 +320,20 @@ async fn commands_get_the_default_sigpipe_disposition() {
     assert!(outcome.status.success());
     assert_eq!(collect(&mut rx), ("y\n".into(), String::new()));
 }
+
+#[tokio::test]
+async fn a_request_above_the_frame_limit_fails_alone() {
+    let agent = agent().await;
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let huge = format!("# {}\ntrue\n", "x".repeat(kiln_proto::MAX_FRAME_LEN));
+    let err = agent
+        .client
+        .exec(script(&huge), tx)
+        .await
+        .expect_err("too large to send");
+    assert!(err.to_string().contains("frame limit"), "{err}");
+    // The connection is unaffected.
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let outcome = agent.client.exec(script("true"), tx).await.expect("runs");
+    assert!(outcome.status.success());
+}
