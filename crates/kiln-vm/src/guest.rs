@@ -1034,3 +1034,186 @@ pub async fn spawn_stdio_agent(agent: &Path) -> Result<StdioAgent, GuestError> {
     let client = GuestClient::connect_with(stdout, stdin, options).await?;
     Ok(StdioAgent { client, child })
 }
+
+#[cfg(test)]
+mod tests {
+    use kiln_proto::ExitStatus as WireStatus;
+    use tokio::io::{ReadHalf, WriteHalf};
+
+    use super::*;
+
+    type PeerReader = FrameReader<ReadHalf<tokio::io::DuplexStream>>;
+    type PeerWriter = FrameWriter<WriteHalf<tokio::io::DuplexStream>>;
+
+    /// A client connected to a scripted peer that has answered the hello.
+    async fn connected() -> (GuestClient, PeerReader, PeerWriter) {
+        let (host, peer) = tokio::io::duplex(256 * 1024);
+        let (peer_read, peer_write) = tokio::io::split(peer);
+        let mut reader = FrameReader::new(peer_read);
+        let mut writer = FrameWriter::new(peer_write);
+        let peer = async {
+            let hello = reader
+                .next()
+                .await
+                .expect("reads")
+                .expect("frame")
+                .expect("decodes");
+            assert!(matches!(
+                hello,
+                Message::Hello { version: PROTOCOL_VERSION, hostname: Some(ref h), .. } if h == "box"
+            ));
+            writer
+                .send(&Message::HelloAck {
+                    version: PROTOCOL_VERSION,
+                    info: HelloAckInfo {
+                        agent_version: "test".into(),
+                        kernel: "6.1".into(),
+                        pid1: true,
+                        pid: 1,
+                    },
+                })
+                .await
+                .expect("sends");
+        };
+        let (host_read, host_write) = tokio::io::split(host);
+        let options = ConnectOptions {
+            hostname: Some("box".into()),
+            ..ConnectOptions::new("vm-unit")
+        };
+        let (client, ()) = tokio::join!(
+            GuestClient::connect_with(host_read, host_write, options),
+            peer
+        );
+        (client.expect("connects"), reader, writer)
+    }
+
+    async fn next(reader: &mut PeerReader) -> Message {
+        reader
+            .next()
+            .await
+            .expect("reads")
+            .expect("frame")
+            .expect("decodes")
+    }
+
+    #[tokio::test]
+    async fn output_is_routed_by_exec_id_and_exit_ends_the_exec() {
+        let (client, mut reader, mut writer) = connected().await;
+        let (tx_a, mut rx_a) = mpsc::unbounded_channel();
+        let (tx_b, mut rx_b) = mpsc::unbounded_channel();
+        let peer = async {
+            let (Message::Exec(a), Message::Exec(b)) =
+                (next(&mut reader).await, next(&mut reader).await)
+            else {
+                panic!("expected two execs");
+            };
+            for (id, text) in [(b.id, "b1"), (a.id, "a1"), (b.id, "b2")] {
+                writer
+                    .feed(&Message::Stdout {
+                        id,
+                        data: Bytes::from(text),
+                    })
+                    .await
+                    .expect("feeds");
+            }
+            writer
+                .feed(&Message::Exit {
+                    id: b.id,
+                    status: WireStatus::Signaled(9),
+                })
+                .await
+                .expect("feeds");
+            writer
+                .send(&Message::Exit {
+                    id: a.id,
+                    status: WireStatus::TimedOut,
+                })
+                .await
+                .expect("sends");
+        };
+        let request = ExecRequest {
+            command: Command::Argv(vec!["x".into()]),
+            env: Vec::new(),
+            cwd: None,
+            timeout: None,
+        };
+        let (a, b, ()) = tokio::join!(
+            client.exec(request.clone(), tx_a),
+            client.exec(request, tx_b),
+            peer
+        );
+        assert_eq!(a.expect("a").status, ExitStatus::TimedOut);
+        assert_eq!(b.expect("b").status, ExitStatus::Signaled(9));
+        assert_eq!(rx_a.try_recv().expect("a1").data, "a1");
+        assert_eq!(rx_b.try_recv().expect("b1").data, "b1");
+        assert_eq!(rx_b.try_recv().expect("b2").data, "b2");
+        assert!(rx_a.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn pending_requests_fail_when_the_agent_hangs_up() {
+        let (client, mut reader, writer) = connected().await;
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let request = ExecRequest {
+            command: Command::Argv(vec!["sleep".into(), "9".into()]),
+            env: Vec::new(),
+            cwd: None,
+            timeout: None,
+        };
+        let peer = async {
+            assert!(matches!(next(&mut reader).await, Message::Exec(_)));
+            drop(writer);
+            drop(reader);
+        };
+        let (result, ()) = tokio::join!(client.exec(request, tx), peer);
+        let err = result.expect_err("the channel closed");
+        assert!(
+            matches!(&err, VmError::Guest { vm, message } if vm == "vm-unit" && message.contains("closed")),
+            "{err}"
+        );
+        assert!(client.is_closed());
+        assert!(client.ping().await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_dropped_exec_sends_kill_for_its_id() {
+        let (client, mut reader, _writer) = connected().await;
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let request = ExecRequest {
+            command: Command::Argv(vec!["sleep".into(), "9".into()]),
+            env: Vec::new(),
+            cwd: None,
+            timeout: None,
+        };
+        let exec_id = {
+            let exec = client.exec(request, tx);
+            tokio::pin!(exec);
+            let _ = tokio::time::timeout(Duration::from_millis(20), &mut exec).await;
+            let Message::Exec(spec) = next(&mut reader).await else {
+                panic!("expected the exec");
+            };
+            spec.id
+        };
+        let kill = next(&mut reader).await;
+        assert!(
+            matches!(kill, Message::Kill { target: KillTarget::Exec(id), signal: Signal::Kill, .. } if id == exec_id),
+            "{kill:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn guest_errors_carry_their_cause_chain() {
+        let err = GuestError::Spawn {
+            path: PathBuf::from("/x/agent"),
+            source: io::Error::from(io::ErrorKind::NotFound),
+        };
+        let VmError::Guest { vm, message } = err.into_vm_error("vm-1") else {
+            panic!("expected a guest error");
+        };
+        assert_eq!(vm, "vm-1");
+        assert!(
+            message.starts_with("Cannot start the agent /x/agent: "),
+            "{message}"
+        );
+    }
+}
