@@ -5,8 +5,8 @@
 //! SIGKILL to the group regardless, which also kills grandchildren that ignored SIGTERM.
 //! stdout and stderr are pipes read by two tasks that forward each read as it arrives; the exit
 //! is reported after both pipes are drained. A pipe stays open while any process of the tree
-//! holds it, so once the leader has exited the pumps only wait [`DRAIN_IDLE`] for more bytes:
-//! a background daemon cannot hold the exec open forever.
+//! holds it, so once the leader has exited the pumps only wait [`DRAIN_IDLE`] for more bytes,
+//! and [`DRAIN_MAX`] in all: a background daemon cannot hold the exec open forever.
 
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
@@ -29,6 +29,10 @@ pub const KILL_GRACE: Duration = Duration::from_secs(2);
 
 /// After the leader exits, how long the pumps wait for more output before giving up.
 const DRAIN_IDLE: Duration = Duration::from_millis(100);
+
+/// After the leader exits, the longest the pumps keep forwarding output (a background process
+/// that keeps writing must not hold the exec open).
+const DRAIN_MAX: Duration = Duration::from_secs(1);
 
 /// The base `PATH` of every exec.
 pub const BASE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -184,7 +188,7 @@ fn to_exit_status(status: WaitStatus) -> ExitStatus {
 }
 
 /// Forwards one pipe's bytes as `Stdout`/`Stderr` frames until EOF, or until the leader has
-/// exited and nothing arrives for [`DRAIN_IDLE`].
+/// exited and nothing arrives for [`DRAIN_IDLE`] (or [`DRAIN_MAX`] has passed).
 async fn pump(
     fd: OwnedFd,
     stdout: bool,
@@ -201,10 +205,15 @@ async fn pump(
     };
     let mut buf = vec![0u8; CHUNK_LEN];
     let mut leader_gone = false;
+    let mut drain_deadline = None;
     loop {
         leader_gone = leader_gone || *exited.borrow();
         let read = if leader_gone {
-            match tokio::time::timeout(DRAIN_IDLE, pipe.read(&mut buf)).await {
+            let deadline =
+                *drain_deadline.get_or_insert_with(|| tokio::time::Instant::now() + DRAIN_MAX);
+            let wait =
+                DRAIN_IDLE.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            match tokio::time::timeout(wait, pipe.read(&mut buf)).await {
                 Ok(read) => read,
                 Err(_) => return,
             }

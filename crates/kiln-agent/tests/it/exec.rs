@@ -337,3 +337,24 @@ async fn a_request_above_the_frame_limit_fails_alone() {
     let outcome = agent.client.exec(script("true"), tx).await.expect("runs");
     assert!(outcome.status.success());
 }
+
+#[tokio::test]
+async fn a_background_process_that_keeps_writing_does_not_hold_the_exec_open() {
+    let agent = agent().await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(10),
+        agent.client.exec(
+            script("(while true; do echo tick; sleep 0.02; done) &\necho started\n"),
+            tx,
+        ),
+    )
+    .await
+    .expect("the exec ends although its background child keeps stdout open")
+    .expect("runs");
+    assert!(outcome.status.success());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(collect(&mut rx).0.contains("started\n"));
+    // The writer dies of SIGPIPE at its next write, now that nobody reads its output.
+}
