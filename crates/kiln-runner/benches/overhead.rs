@@ -97,7 +97,11 @@ async fn main() {
     }
     report("local allocate + release", samples, baseline);
 
-    let vm = local.allocate(&VmSpec::default()).await.expect("allocate").vm;
+    let vm = local
+        .allocate(&VmSpec::default())
+        .await
+        .expect("allocate")
+        .vm;
     let mut samples = Vec::new();
     for _ in 0..n {
         let (tx, _rx) = mpsc::unbounded_channel();
@@ -147,25 +151,28 @@ async fn main() {
     report("5-step workflow run, local backend", samples, baseline);
 
     if std::env::var_os("KILN_BENCH_QEMU").is_some() {
-        qemu(baseline, runtime.path().to_path_buf(), if full { 3 } else { 1 }).await;
+        qemu(
+            baseline,
+            runtime.path().to_path_buf(),
+            if full { 3 } else { 1 },
+        )
+        .await;
     }
 }
 
 async fn qemu(baseline: Duration, runtime: PathBuf, n: usize) {
     let data = std::env::var_os("KILN_DATA_DIR").map_or_else(
-        || {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".local/share/kiln")
-        },
+        || PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".local/share/kiln"),
         PathBuf::from,
     );
-    let selection = match select_backend(BackendKind::Qemu, &BackendConfig::new(runtime, data)).await
-    {
-        Ok(s) => s,
-        Err(e) => {
-            println!("qemu: skipped: {e}");
-            return;
-        }
-    };
+    let selection =
+        match select_backend(BackendKind::Qemu, &BackendConfig::new(runtime, data)).await {
+            Ok(s) => s,
+            Err(e) => {
+                println!("qemu: skipped: {e}");
+                return;
+            }
+        };
     let provider = selection.provider;
     let mut boots = Vec::new();
     let mut execs = Vec::new();

@@ -770,7 +770,7 @@ impl WorkflowExecutor {
         // Keeps the idle reaper away from a session that is working.
         prepared.guard.touch();
         let layout = &prepared.layout;
-        let host = StaticHost::for_step(leg.status, &**vm, layout);
+        let (host, _hash_copy) = StaticHost::for_step(leg.status, &**vm, layout, step).await;
         // The env context: --env-file < workflow < job < GITHUB_ENV.
         let mut env = state.options.context.env.clone();
         ctx_map.insert("steps".into(), Value::Object(leg.steps.clone()));
@@ -1324,7 +1324,30 @@ fn job_display_name(
     }
 }
 
-/// `success()` and friends for one evaluation; `hashFiles` against the local workspace.
+/// Whether any expression of `step` may call `hashFiles`.
+fn mentions_hash_files(step: &Step) -> bool {
+    let mut sources: Vec<&str> = Vec::new();
+    sources.extend(step.name.as_ref().map(Template::source));
+    sources.extend(step.if_cond.as_ref().map(Condition::source));
+    sources.extend(step.env.values().map(Template::source));
+    match &step.action {
+        StepAction::Run {
+            script,
+            working_directory,
+            ..
+        } => {
+            sources.push(script.source());
+            sources.extend(working_directory.as_ref().map(Template::source));
+        }
+        StepAction::Uses { with, .. } => sources.extend(with.values().map(Template::source)),
+        _ => {}
+    }
+    sources
+        .iter()
+        .any(|s| s.to_ascii_lowercase().contains("hashfiles"))
+}
+
+/// `success()` and friends for one evaluation; `hashFiles` against a workspace the host reads.
 struct StaticHost {
     status: JobStatus,
     workspace: Option<PathBuf>,
@@ -1338,12 +1361,34 @@ impl StaticHost {
         }
     }
 
-    /// In a step, `hashFiles` reads the workspace; the host can read it on the local backend.
-    fn for_step(status: JobStatus, vm: &dyn Vm, layout: &Layout) -> StaticHost {
-        StaticHost {
-            status,
-            workspace: (vm.backend() == "local").then(|| PathBuf::from(&layout.workspace)),
+    /// The host for one step's expressions. `hashFiles` reads the workspace as it is now: the
+    /// host reads it in place on the local backend; in a VM, a step that calls `hashFiles`
+    /// gets a copy of the guest workspace taken just before it runs (kept alive by the
+    /// returned directory).
+    async fn for_step(
+        status: JobStatus,
+        vm: &dyn Vm,
+        layout: &Layout,
+        step: &Step,
+    ) -> (StaticHost, Option<tempfile::TempDir>) {
+        let mut host = StaticHost::new(status);
+        if vm.backend() == "local" {
+            host.workspace = Some(PathBuf::from(&layout.workspace));
+            return (host, None);
         }
+        if !mentions_hash_files(step) {
+            return (host, None);
+        }
+        let copy = match tempfile::Builder::new().prefix("kiln-hashfiles-").tempdir() {
+            Ok(dir) => dir,
+            Err(_) => return (host, None),
+        };
+        let target = copy.path().join("workspace");
+        match vm.copy_out(&layout.workspace, &target).await {
+            Ok(()) => host.workspace = Some(target),
+            Err(e) => tracing::warn!(vm = vm.id(), "copying the workspace for hashFiles failed: {e}"),
+        }
+        (host, Some(copy))
     }
 }
 
@@ -1355,9 +1400,7 @@ impl kiln_workflow::Host for StaticHost {
     fn hash_files(&self, patterns: &[String]) -> Result<String, String> {
         match &self.workspace {
             Some(dir) => hash::hash_files(dir, patterns),
-            None => {
-                Err("hashFiles() is only available in steps on the local backend so far".into())
-            }
+            None => Err("hashFiles() is only available in steps".into()),
         }
     }
 }

@@ -14,9 +14,7 @@ use kiln_runner::executor::{
 };
 use kiln_runner::session::{OnLimit, SessionConfig, SessionError, SessionManager};
 use kiln_vm::local::LocalProvider;
-use kiln_vm::{
-    Allocation, ExecOutcome, ExecRequest, OutputSink, Vm, VmError, VmProvider, VmSpec,
-};
+use kiln_vm::{Allocation, ExecOutcome, ExecRequest, OutputSink, Vm, VmError, VmProvider, VmSpec};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -229,7 +227,10 @@ fn pid_alive(pid: i32) -> bool {
 async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -262,7 +263,10 @@ async fn seed_one_workflow_with_five_steps_is_one_allocation_and_one_filesystem(
     let logs = logs(&events);
     let seen: Vec<&String> = logs.iter().filter(|l| l.starts_with("vm=")).collect();
     assert_eq!(seen.len(), 5);
-    assert!(seen.iter().all(|l| **l == format!("vm=kiln-{}", vms[0])), "{seen:?}");
+    assert!(
+        seen.iter().all(|l| **l == format!("vm=kiln-{}", vms[0])),
+        "{seen:?}"
+    );
     assert!(logs.contains(&"hello from the repo".to_owned()), "{logs:?}");
     assert!(logs.contains(&"lines=3".to_owned()), "{logs:?}");
     // The allocation precedes the first step; the release follows the last.
@@ -362,7 +366,10 @@ async fn seed_limit_of_two_fails_the_third_in_fail_mode() {
             tokio::spawn(async move { h.run(&yaml).await })
         })
         .collect();
-    wait_until("two active sessions", || h.executor.sessions().active_count() == 2).await;
+    wait_until("two active sessions", || {
+        h.executor.sessions().active_count() == 2
+    })
+    .await;
     let (third, _) = h.run(&yaml).await;
     let err = third.expect_err("third run must fail");
     assert!(
@@ -406,7 +413,10 @@ async fn seed_limit_of_two_makes_the_third_wait_in_wait_mode() {
             tokio::spawn(async move { h.run(&yaml).await })
         })
         .collect();
-    wait_until("two active sessions", || h.executor.sessions().active_count() == 2).await;
+    wait_until("two active sessions", || {
+        h.executor.sessions().active_count() == 2
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     // The third is still waiting: only two VMs were ever allocated.
     assert_eq!(h.allocations(), 2);
@@ -443,9 +453,11 @@ jobs:
     assert_eq!(steps[0].exit_code, Some(7));
     assert_eq!(steps[1].conclusion, Conclusion::Skipped);
     assert!(!logs(&events).contains(&"never".to_owned()));
-    assert!(events
-        .iter()
-        .any(|e| matches!(e.kind, EventKind::SessionReleased { .. })));
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e.kind, EventKind::SessionReleased { .. }))
+    );
     assert!(h.leftovers().is_empty());
 }
 
@@ -469,7 +481,10 @@ jobs:
     assert_eq!(report.result, Conclusion::Failure);
     let step = &report.jobs[0].steps[0];
     assert_eq!(step.exit_code, None);
-    assert!(step.error.as_deref().unwrap_or("").contains("time limit"), "{step:?}");
+    assert!(
+        step.error.as_deref().unwrap_or("").contains("time limit"),
+        "{step:?}"
+    );
     assert!(step.duration < Duration::from_secs(10));
     let pid: i32 = logs(&events)
         .iter()
@@ -588,7 +603,10 @@ jobs:
         "fresh-file",
         "from-steps=hi there",
     ] {
-        assert!(logs.contains(&expected.to_owned()), "missing {expected}: {logs:?}");
+        assert!(
+            logs.contains(&expected.to_owned()),
+            "missing {expected}: {logs:?}"
+        );
     }
     assert_eq!(report.jobs[0].outputs["greeting"], "hi there");
     assert!(report.jobs[0].summary.contains("### Hello summary"));
@@ -612,7 +630,12 @@ jobs:
     let report = result.expect("run");
     let step = &report.jobs[0].steps[0];
     assert_eq!(step.outcome, Conclusion::Failure);
-    assert!(step.error.as_deref().unwrap_or("").contains("no closing delimiter"));
+    assert!(
+        step.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("no closing delimiter")
+    );
 }
 
 #[tokio::test]
@@ -817,17 +840,34 @@ async fn json_event_fields_match_the_contract() {
     let (result, events) = h.run(FIVE_STEPS).await;
     result.expect("run");
     let required: &[(&str, &[&str])] = &[
-        ("session_allocated", &["session", "vm", "backend", "allocation_ms", "workflow"]),
+        (
+            "session_allocated",
+            &["session", "vm", "backend", "allocation_ms", "workflow"],
+        ),
         ("session_released", &["session", "vm"]),
         ("job_started", &["job", "name"]),
         ("job_finished", &["job", "name", "result", "outputs"]),
         ("step_started", &["job", "step", "id", "name", "vm"]),
         (
             "step_finished",
-            &["job", "step", "id", "name", "vm", "outcome", "conclusion", "exit_code", "outputs", "duration_ms"],
+            &[
+                "job",
+                "step",
+                "id",
+                "name",
+                "vm",
+                "outcome",
+                "conclusion",
+                "exit_code",
+                "outputs",
+                "duration_ms",
+            ],
         ),
         ("log", &["job", "step", "stream", "line"]),
-        ("run_finished", &["workflow", "result", "duration_ms", "vm_allocations"]),
+        (
+            "run_finished",
+            &["workflow", "result", "duration_ms", "vm_allocations"],
+        ),
     ];
     let json: Vec<serde_json::Value> = events
         .iter()
@@ -871,4 +911,36 @@ async fn events_go_to_one_receiver_for_several_runs() {
         runs.insert(e.run);
     }
     assert_eq!(runs.len(), 2);
+}
+
+#[tokio::test]
+async fn hash_files_hashes_the_workspace_as_the_step_sees_it() {
+    let h = harness(4, OnLimit::Fail);
+    let (result, events) = h
+        .run(
+            r#"
+on: push
+jobs:
+  a:
+    runs-on: ubuntu-latest
+    steps:
+      - run: echo "before=${{ hashFiles('**/README') }}"
+      - run: echo changed > README
+      - run: echo "after=${{ hashFiles('**/README') }}"
+      - run: echo "none=${{ hashFiles('*.nothing') }}"
+"#,
+        )
+        .await;
+    assert_eq!(result.expect("run").result, Conclusion::Success);
+    let digest = |content: &[u8]| {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(Sha256::digest(content))
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let logs = logs(&events);
+    assert!(logs.contains(&format!("before={}", digest(b"hello from the repo\n"))), "{logs:?}");
+    assert!(logs.contains(&format!("after={}", digest(b"changed\n"))), "{logs:?}");
+    assert!(logs.contains(&"none=".to_owned()), "{logs:?}");
 }

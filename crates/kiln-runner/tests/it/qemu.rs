@@ -124,6 +124,7 @@ jobs:
     steps:
       - run: echo "boot=$(cat /proc/sys/kernel/random/boot_id)"; echo "kernel=$(uname -r)"; echo one > "$RUNNER_TEMP/f"
       - run: echo "boot=$(cat /proc/sys/kernel/random/boot_id)"; cat "$RUNNER_TEMP/f"; cat README
+      - run: echo "hash=${{ hashFiles('README') }}"
   b:
     needs: a
     runs-on: ubuntu-latest
@@ -140,6 +141,15 @@ async fn a_workflow_runs_every_step_in_one_real_vm_and_releases_it() {
     let logs = logs(&events);
     let boots: Vec<&String> = logs.iter().filter(|l| l.starts_with("boot=")).collect();
     assert_eq!(boots.len(), 3, "{logs:?}");
+    let expected = {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(Sha256::digest(b"from the host\n"));
+        digest.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    assert!(
+        logs.contains(&format!("hash={expected}")),
+        "hashFiles in the guest: {logs:?}"
+    );
     assert!(
         boots.iter().all(|b| *b == boots[0]),
         "one VM for all jobs: {boots:?}"
