@@ -40,6 +40,8 @@ mod system;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use tokio::signal::unix::{SignalKind, signal};
+
 use crate::reaper::Reaper;
 use crate::serve::{ServeEnd, serve};
 
@@ -115,7 +117,27 @@ fn stdio_main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match serve(tokio::io::stdin(), tokio::io::stdout(), reaper, false).await {
+        // SIGTERM/SIGINT/SIGHUP end the connection as if the host had hung up: the execs'
+        // process groups are terminated instead of outliving the agent.
+        let stop = async {
+            let mut signals = Vec::new();
+            for kind in [
+                SignalKind::terminate(),
+                SignalKind::interrupt(),
+                SignalKind::hangup(),
+            ] {
+                match signal(kind) {
+                    Ok(s) => signals.push(s),
+                    Err(e) => log!("cannot watch signal {kind:?}: {e}"),
+                }
+            }
+            if signals.is_empty() {
+                return std::future::pending().await;
+            }
+            let any = signals.iter_mut().map(|s| Box::pin(s.recv()));
+            let _ = futures_select_any(any.collect()).await;
+        };
+        match serve(tokio::io::stdin(), tokio::io::stdout(), reaper, false, stop).await {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => {
                 log!("{e}");
@@ -164,7 +186,7 @@ async fn pid1_serve() {
             }
         };
         let (reader, writer) = tokio::io::split(stream);
-        match serve(reader, writer, reaper.clone(), true).await {
+        match serve(reader, writer, reaper.clone(), true, std::future::pending()).await {
             Ok(ServeEnd::Shutdown) => return,
             Ok(ServeEnd::Closed) => {}
             Err(e) => log!("connection ended: {}", error_chain(&e)),
@@ -181,6 +203,19 @@ fn halt() -> ! {
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
+}
+
+/// Resolves when the first of `futures` does.
+async fn futures_select_any<F: Future + Unpin>(mut futures: Vec<F>) -> F::Output {
+    std::future::poll_fn(|cx| {
+        for future in futures.iter_mut() {
+            if let std::task::Poll::Ready(output) = std::pin::Pin::new(future).poll(cx) {
+                return std::task::Poll::Ready(output);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -123,12 +123,14 @@ impl Agent {
     }
 }
 
-/// Serves one connection until the host closes it or asks for a shutdown.
+/// Serves one connection until the host closes it or asks for a shutdown, or until `stop`
+/// resolves (treated like the host closing: every exec is terminated).
 pub async fn serve<R, W>(
     reader: R,
     writer: W,
     reaper: Arc<Reaper>,
     pid1: bool,
+    stop: impl Future<Output = ()>,
 ) -> Result<ServeEnd, ServeError>
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -136,7 +138,12 @@ where
 {
     let mut reader = FrameReader::new(reader);
     let mut writer = FrameWriter::new(writer);
-    if !hello(&mut reader, &mut writer, pid1).await? {
+    tokio::pin!(stop);
+    let greeted = tokio::select! {
+        greeted = hello(&mut reader, &mut writer, pid1) => greeted?,
+        () = &mut stop => false,
+    };
+    if !greeted {
         return Ok(ServeEnd::Closed);
     }
 
@@ -151,7 +158,12 @@ where
     let mut uploads: HashMap<RequestId, mpsc::Sender<Bytes>> = HashMap::new();
 
     let result = loop {
-        let message = match reader.next().await {
+        // Reading a frame is cancel-safe: partial frames stay in the reader's buffer.
+        let next = tokio::select! {
+            next = reader.next() => next,
+            () = &mut stop => break Ok(ServeEnd::Closed),
+        };
+        let message = match next {
             Ok(Some(Ok(message))) => message,
             Ok(Some(Err(malformed))) => {
                 log!("rejected a frame: {malformed}");

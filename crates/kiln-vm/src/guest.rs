@@ -998,13 +998,60 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// An agent running as a local child process in `--stdio` mode, with a client connected to it.
-/// Dropping it kills the process.
+///
+/// Dropping it sends the agent SIGTERM, on which the agent terminates the process groups of its
+/// commands and exits; if it is still running 5 s later (and a runtime is around), SIGKILL.
 #[derive(Debug)]
 pub struct StdioAgent {
     /// The connected client.
     pub client: GuestClient,
-    /// The agent process.
-    pub child: tokio::process::Child,
+    child: Option<tokio::process::Child>,
+    pid: u32,
+}
+
+impl StdioAgent {
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Waits for the agent to exit.
+    pub async fn wait(&mut self) -> io::Result<std::process::ExitStatus> {
+        match self.child.as_mut() {
+            Some(child) => child.wait().await,
+            None => Err(io::Error::other("The agent process was already released")),
+        }
+    }
+}
+
+impl Drop for StdioAgent {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Some(pid) = child
+            .id()
+            .and_then(|pid| i32::try_from(pid).ok())
+            .and_then(rustix::process::Pid::from_raw)
+        {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(async move {
+                    if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                        .await
+                        .is_err()
+                    {
+                        let _ = child.kill().await;
+                    }
+                });
+            }
+            Err(_) => {
+                let _ = child.start_kill();
+            }
+        }
+    }
 }
 
 /// Starts `agent --stdio` and connects a [`GuestClient`] to it (tests, local fallback).
@@ -1014,25 +1061,42 @@ pub async fn spawn_stdio_agent(agent: &Path) -> Result<StdioAgent, GuestError> {
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())
-        .kill_on_drop(true)
         .spawn()
         .map_err(|source| GuestError::Spawn {
             path: agent.to_owned(),
             source,
         })?;
+    let pid = child.id().unwrap_or_default();
     let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        let _ = child.start_kill();
         return Err(GuestError::Spawn {
             path: agent.to_owned(),
             source: io::Error::other("The child has no stdio pipes"),
         });
     };
-    let pid = child.id().unwrap_or_default();
+    // From here on, dropping `guard` stops the agent.
+    let mut guard = StdioAgentGuard(Some(child));
     let options = ConnectOptions {
         hello_timeout: Duration::from_secs(10),
         ..ConnectOptions::new(format!("stdio-{pid}"))
     };
     let client = GuestClient::connect_with(stdout, stdin, options).await?;
-    Ok(StdioAgent { client, child })
+    Ok(StdioAgent {
+        client,
+        child: guard.0.take(),
+        pid,
+    })
+}
+
+/// Kills a freshly spawned agent if connecting to it fails.
+struct StdioAgentGuard(Option<tokio::process::Child>);
+
+impl Drop for StdioAgentGuard {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.start_kill();
+        }
+    }
 }
 
 #[cfg(test)]

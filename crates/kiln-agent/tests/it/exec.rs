@@ -13,7 +13,7 @@ async fn hello_reports_the_agent() {
     let agent = agent().await;
     let info = agent.client.agent_info();
     assert!(!info.pid1);
-    assert_eq!(info.pid, agent.child.id().expect("running"));
+    assert_eq!(info.pid, agent.pid());
     assert_eq!(info.agent_version, env!("CARGO_PKG_VERSION"));
     assert!(!info.kernel.is_empty());
     agent.client.ping().await.expect("pong");
@@ -261,7 +261,7 @@ async fn a_missing_program_is_an_error_not_a_hang() {
 #[tokio::test]
 async fn orphans_are_reaped() {
     let agent = agent().await;
-    let agent_pid = agent.child.id().expect("running");
+    let agent_pid = agent.pid();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let outcome = agent
         .client
@@ -295,7 +295,7 @@ async fn shutdown_ends_the_agent_cleanly() {
     let (outcome, ()) = tokio::join!(long, stop);
     // The running exec was terminated (SIGTERM) as part of the shutdown.
     assert_eq!(outcome.expect("reported").status, ExitStatus::Signaled(15));
-    let status = tokio::time::timeout(Duration::from_secs(5), agent.child.wait())
+    let status = tokio::time::timeout(Duration::from_secs(5), agent.wait())
         .await
         .expect("exits")
         .expect("waits");
@@ -357,4 +357,27 @@ async fn a_background_process_that_keeps_writing_does_not_hold_the_exec_open() {
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(collect(&mut rx).0.contains("started\n"));
     // The writer dies of SIGPIPE at its next write, now that nobody reads its output.
+}
+
+#[tokio::test]
+async fn dropping_the_stdio_agent_terminates_its_commands() {
+    let agent = agent().await;
+    let agent_pid = agent.pid();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let exec = agent
+        .client
+        .exec(script("sleep 300 &\necho $!\nwait\n"), tx);
+    let pid = tokio::select! {
+        _ = exec => panic!("the exec cannot finish by itself"),
+        chunk = rx.recv() => {
+            let chunk = chunk.expect("output");
+            String::from_utf8_lossy(&chunk.data).trim().parse::<u32>().expect("a pid")
+        }
+    };
+    drop(agent);
+    assert!(
+        wait_until(Duration::from_secs(5), || !alive(pid)).await,
+        "sleep {pid} outlived its agent"
+    );
+    assert!(wait_until(Duration::from_secs(5), || !alive(agent_pid)).await);
 }
