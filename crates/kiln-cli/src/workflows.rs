@@ -66,7 +66,12 @@ pub fn load(path: &Path) -> Result<Workflow, Exit> {
             e.utf8_error().valid_up_to()
         ))
     })?;
-    kiln_workflow::parse_workflow(&shown, &text).map_err(|e| Exit::new(exit::USAGE, anyhow!("{e}")))
+    let workflow = kiln_workflow::parse_workflow(&shown, &text)
+        .map_err(|e| Exit::new(exit::USAGE, anyhow!("{e}")))?;
+    for warning in &workflow.warnings {
+        eprintln!("warning: {}: {}", warning.span, warning.message);
+    }
+    Ok(workflow)
 }
 
 /// `kiln list`.

@@ -783,6 +783,13 @@ impl WorkflowExecutor {
                 Err(e) => return self.step_error(state, job_id, step, vm, started, &e),
             }
         }
+        if let Some(t) = &job.env_expr {
+            ctx_map.insert("env".into(), string_map_value(&env));
+            match eval_env_object(t, ctx_map, &host) {
+                Ok(values) => env.extend(values),
+                Err(e) => return self.step_error(state, job_id, step, vm, started, &e),
+            }
+        }
         env.extend(leg.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         ctx_map.insert("env".into(), string_map_value(&env));
         ctx_map.insert("job".into(), context::job_value(leg.status));
@@ -828,6 +835,14 @@ impl WorkflowExecutor {
                 Ok(v) => {
                     env.insert(k.clone(), v);
                 }
+                Err(e) => {
+                    return self.finish_failed(state, job_id, step, &name, vm, leg, started, e);
+                }
+            }
+        }
+        if let Some(t) = &step.env_expr {
+            match eval_env_object(t, ctx_map, &host) {
+                Ok(values) => env.extend(values),
                 Err(e) => {
                     return self.finish_failed(state, job_id, step, &name, vm, leg, started, e);
                 }
@@ -1180,6 +1195,12 @@ fn check_supported(workflow: &Workflow, only_jobs: &[String]) -> Result<(), Exec
                 container.span
             ));
         }
+        if let Some(snapshot) = &job.snapshot {
+            problems.push(format!(
+                "{}: job `{id}` asks for a runner-image `snapshot:`, which kiln does not make yet",
+                snapshot.span
+            ));
+        }
         if let Some(services) = &job.services {
             problems.push(format!(
                 "{}: job `{id}` asks for `services:`, which kiln does not run yet",
@@ -1196,6 +1217,13 @@ fn check_supported(workflow: &Workflow, only_jobs: &[String]) -> Result<(), Exec
                     uses.span,
                     step.display_name(),
                     uses.value
+                ));
+            }
+            if step.background {
+                problems.push(format!(
+                    "{}: step `{}` of job `{id}`: `background:` steps are not supported yet",
+                    step.span,
+                    step.display_name()
                 ));
             }
             if let Some(what) = unsupported_step(&step.action) {
@@ -1386,7 +1414,10 @@ impl StaticHost {
         let target = copy.path().join("workspace");
         match vm.copy_out(&layout.workspace, &target).await {
             Ok(()) => host.workspace = Some(target),
-            Err(e) => tracing::warn!(vm = vm.id(), "copying the workspace for hashFiles failed: {e}"),
+            Err(e) => tracing::warn!(
+                vm = vm.id(),
+                "copying the workspace for hashFiles failed: {e}"
+            ),
         }
         (host, Some(copy))
     }
@@ -1427,6 +1458,31 @@ fn eval_string(
         host,
     })
     .map_err(|e| format!("{}: {e}", t.span()))
+}
+
+/// `env: ${{ expr }}`: the expression must give an object; its values become strings.
+fn eval_env_object(
+    t: &Template,
+    ctx: &IndexMap<String, Value>,
+    host: &StaticHost,
+) -> Result<IndexMap<String, String>, String> {
+    let value = t
+        .eval_value(&EvalContext {
+            contexts: ctx,
+            host,
+        })
+        .map_err(|e| format!("{}: {e}", t.span()))?;
+    match value {
+        Value::Object(map) => Ok(map
+            .into_iter()
+            .map(|(k, v)| (k, v.to_display_string()))
+            .collect()),
+        other => Err(format!(
+            "{}: `env:` must evaluate to an object, not {}",
+            t.span(),
+            other.kind().name()
+        )),
+    }
 }
 
 fn eval_bool(

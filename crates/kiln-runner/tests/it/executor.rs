@@ -940,7 +940,34 @@ jobs:
             .collect::<String>()
     };
     let logs = logs(&events);
-    assert!(logs.contains(&format!("before={}", digest(b"hello from the repo\n"))), "{logs:?}");
-    assert!(logs.contains(&format!("after={}", digest(b"changed\n"))), "{logs:?}");
+    assert!(
+        logs.contains(&format!("before={}", digest(b"hello from the repo\n"))),
+        "{logs:?}"
+    );
+    assert!(
+        logs.contains(&format!("after={}", digest(b"changed\n"))),
+        "{logs:?}"
+    );
     assert!(logs.contains(&"none=".to_owned()), "{logs:?}");
+}
+
+#[tokio::test]
+async fn env_written_as_one_expression() {
+    let h = harness(4, OnLimit::Fail);
+    let (result, events) = h
+        .run(
+            r#"
+on: push
+jobs:
+  a:
+    runs-on: ubuntu-latest
+    env: ${{ fromJSON('{"FROM_JOB":"j","N":3}') }}
+    steps:
+      - env: ${{ fromJSON('{"FROM_STEP":"s"}') }}
+        run: echo "$FROM_JOB $N $FROM_STEP"
+"#,
+        )
+        .await;
+    assert_eq!(result.expect("run").result, Conclusion::Success);
+    assert_eq!(logs(&events), ["j 3 s"]);
 }

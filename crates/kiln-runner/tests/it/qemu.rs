@@ -144,7 +144,10 @@ async fn a_workflow_runs_every_step_in_one_real_vm_and_releases_it() {
     let expected = {
         use sha2::{Digest, Sha256};
         let digest = Sha256::digest(Sha256::digest(b"from the host\n"));
-        digest.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
     };
     assert!(
         logs.contains(&format!("hash={expected}")),
