@@ -5,7 +5,8 @@
 //!    the command that builds it.
 //! 2. A per-VM directory `<runtime_dir>/qemu-<id>/` (mode 0700) gets a qcow2 overlay backed by the
 //!    image's read-only `rootfs.ext4` (`qemu-img create -f qcow2 -b BASE -F raw`), so allocation
-//!    copies nothing and the base is never written.
+//!    copies nothing and the base is never written. A [`VmSpec::disk_mib`] larger than the image
+//!    makes the overlay larger, and the root filesystem is grown online (`resize2fs`) at boot.
 //! 3. QEMU starts with `-M microvm` (virtio-mmio devices announced through ACPI), `-nodefaults
 //!    -no-user-config -nographic -no-reboot`, the image's kernel and initramfs, the overlay as a
 //!    virtio-blk disk (`kiln.root=/dev/vda`), a virtio-serial port named `kiln.agent` whose host
@@ -345,7 +346,8 @@ impl QemuProvider {
         let id = format!("qemu-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let dir = self.config.runtime_dir.join(&id);
         let vm_dir = VmDir::create(&id, &dir).await?;
-        let mut process = start_qemu(&self.config, &image, spec, accel, &id, &dir).await?;
+        let (mut process, grow_root) =
+            start_qemu(&self.config, &image, spec, accel, &id, &dir).await?;
         match self
             .connect(&id, &dir, &mut process, started + timeout, timeout)
             .await
@@ -360,7 +362,7 @@ impl QemuProvider {
                     released: AtomicBool::new(false),
                     accel,
                 };
-                vm.prepare().await?;
+                vm.prepare(grow_root).await?;
                 Ok(vm)
             }
             Err(reason) => {
@@ -486,9 +488,10 @@ async fn wait_for_socket(path: &Path) {
     }
 }
 
-/// The last lines of the guest console.
+/// The last lines of the guest console. A kernel panic or oops further up than that is put first,
+/// since it is what explains a dead guest and its backtrace pushes it out of the tail.
 fn console_tail(path: &Path) -> String {
-    const TAIL_BYTES: u64 = 8192;
+    const TAIL_BYTES: u64 = 16384;
     const TAIL_LINES: usize = 25;
     let Ok(mut file) = std::fs::File::open(path) else {
         return "(no console output)".to_owned();
@@ -499,7 +502,18 @@ fn console_tail(path: &Path) -> String {
     let _ = file.read_to_end(&mut data);
     let text = String::from_utf8_lossy(&data);
     let lines: Vec<&str> = text.lines().collect();
-    let tail = lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n");
+    let start = lines.len().saturating_sub(TAIL_LINES);
+    let mut tail = String::new();
+    let cause = lines[..start].iter().rev().find(|l| {
+        ["Kernel panic", "BUG:", "Oops", "sysrq: Trigger a crash"]
+            .iter()
+            .any(|k| l.contains(k))
+    });
+    if let Some(cause) = cause {
+        tail.push_str(cause);
+        tail.push_str("\n[...]\n");
+    }
+    tail.push_str(&lines[start..].join("\n"));
     if tail.trim().is_empty() {
         "(no console output)".to_owned()
     } else {
@@ -603,7 +617,7 @@ async fn start_qemu(
     accel: Accel,
     id: &str,
     dir: &Path,
-) -> Result<Process, VmError> {
+) -> Result<(Process, bool), VmError> {
     let io = |op: String, source| VmError::Io {
         vm: id.to_owned(),
         op,
@@ -612,10 +626,20 @@ async fn start_qemu(
     let overlay = dir.join("disk.qcow2");
     let base = std::path::absolute(image.rootfs())
         .map_err(|e| io("resolving the image path".to_owned(), e))?;
-    let out = tokio::process::Command::new("qemu-img")
+    let base_size = std::fs::metadata(&base)
+        .map_err(|e| io(format!("inspecting {}", base.display()), e))?
+        .len();
+    let wanted = u64::from(spec.disk_mib) << 20;
+    let mut qemu_img = tokio::process::Command::new("qemu-img");
+    qemu_img
         .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
         .arg(&base)
-        .arg(&overlay)
+        .arg(&overlay);
+    let grow_root = wanted > base_size;
+    if grow_root {
+        qemu_img.arg(format!("{}M", spec.disk_mib));
+    }
+    let out = qemu_img
         .stdin(Stdio::null())
         .output()
         .await
@@ -678,7 +702,7 @@ async fn start_qemu(
         };
         let _ = tx.send(Some(status));
     });
-    Ok(Process { pid, exit: rx })
+    Ok((Process { pid, exit: rx }, grow_root))
 }
 
 /// The QEMU command line (everything after the binary).
@@ -741,6 +765,10 @@ fn qemu_args(
 
 /// The guest kernel command line.
 ///
+/// `panic=-1 reboot=t` makes a guest panic reset the machine at once by a triple fault (microvm
+/// has no keyboard controller, and its ACPI has no reset register), and `-no-reboot` turns that
+/// reset into QEMU exiting: a dead guest is noticed at once instead of hanging.
+///
 /// microvm has neither HPET nor ACPI PM timer, so a guest under TCG cannot calibrate its TSC
 /// against anything and hangs after "Marking TSC unstable". TCG's guest TSC is the host's TSC, so
 /// kiln tells the guest its frequency (`tsc_early_khz`, measured on the host) and that it is
@@ -750,7 +778,7 @@ fn qemu_args(
 /// NAT: guest 10.0.2.15/24, host and gateway 10.0.2.2, DNS 10.0.2.3).
 fn kernel_cmdline(accel: Accel, network: Network) -> String {
     let mut cmdline = String::from(
-        "console=ttyS0 kiln.root=/dev/vda quiet panic=-1 8250.nr_uarts=1 i8042.noaux i8042.nokbd",
+        "console=ttyS0 kiln.root=/dev/vda quiet panic=-1 reboot=t 8250.nr_uarts=1 i8042.noaux i8042.nokbd",
     );
     if network == Network::User {
         cmdline.push_str(" kiln.net=10.0.2.15/24,10.0.2.2,10.0.2.3");
@@ -825,12 +853,16 @@ impl QemuVm {
     }
 
     /// Creates the work root, owned by the runner user when the image has one.
-    async fn prepare(&self) -> Result<(), VmError> {
+    /// When the overlay is larger than the image (`disk_mib`), grows the root filesystem online.
+    async fn prepare(&self, grow_root: bool) -> Result<(), VmError> {
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let script = format!(
+        let mut script = format!(
             "mkdir -p {WORK_ROOT} && (chown {user}:{user} {WORK_ROOT} 2>/dev/null || true)",
             user = image::RUNNER_USER
         );
+        if grow_root {
+            script.push_str(" && resize2fs /dev/vda >/dev/null");
+        }
         let request = ExecRequest {
             command: crate::Command::Argv(vec!["/bin/sh".into(), "-c".into(), script]),
             env: Vec::new(),
@@ -870,6 +902,10 @@ impl QemuVm {
             return error;
         }
         let status = self.process.exit_status().unwrap_or_default();
+        let error = match error {
+            VmError::Guest { message, .. } => message,
+            other => other.to_string(),
+        };
         VmError::Guest {
             vm: self.id.clone(),
             message: format!(
@@ -1092,5 +1128,12 @@ mod tests {
         let tail = console_tail(&path);
         assert!(tail.ends_with("line 99"));
         assert!(!tail.contains("line 74\n"));
+        let mut text =
+            String::from("boot\n[ 1.0] Kernel panic - not syncing: sysrq triggered crash\n");
+        text.extend((0..60).map(|i| format!(" trace {i}\n")));
+        std::fs::write(&path, text).unwrap();
+        let tail = console_tail(&path);
+        assert!(tail.starts_with("[ 1.0] Kernel panic"), "{tail}");
+        assert!(tail.ends_with("trace 59"), "{tail}");
     }
 }

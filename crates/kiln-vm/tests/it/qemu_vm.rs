@@ -454,3 +454,66 @@ async fn a_missing_image_says_how_to_build_it() {
         .collect();
     assert!(leftovers.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_kernel_panic_fails_the_command_and_disk_mib_grows_the_root() {
+    if support::skip_vm_tests() {
+        return;
+    }
+    tokio::task::spawn_blocking(support::default_image)
+        .await
+        .unwrap();
+    let _guard = VM_LOCK.lock().await;
+    let runtime = tempfile::tempdir().unwrap();
+    let qemu = provider(runtime.path(), Accel::Auto);
+    let big = VmSpec {
+        disk_mib: 12 * 1024,
+        ..spec()
+    };
+    let vm = qemu.allocate(&big).await.expect("VM boots").vm;
+    let id = vm.id().to_owned();
+    let size_kib: u64 = sh(&*vm, "df --output=size -k / | tail -1")
+        .await
+        .parse()
+        .unwrap();
+    assert!(size_kib > 11 * 1024 * 1024, "root is {size_kib} KiB");
+
+    // Crash the guest kernel while a command runs in it.
+    let console = runtime.path().join(&id).join("console.log");
+    let crash = run_err(
+        &*vm,
+        "sleep 0.3; echo c > /proc/sysrq-trigger; sleep 30",
+        &console,
+    )
+    .await;
+    assert!(crash.contains("the VM died"), "{crash}");
+    assert!(
+        crash.contains("Kernel panic") || crash.contains("sysrq"),
+        "no panic in the console tail: {crash}"
+    );
+    vm.release().await.unwrap();
+    assert_no_leak(runtime.path(), &[id]);
+}
+
+async fn run_err(vm: &dyn Vm, script: &str, console: &Path) -> String {
+    let request = ExecRequest {
+        command: Command::Argv(vec!["sh".into(), "-c".into(), script.into()]),
+        env: Vec::new(),
+        cwd: None,
+        timeout: Some(Duration::from_secs(60)),
+    };
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let result = tokio::time::timeout(Duration::from_secs(40), vm.exec(request, tx)).await;
+    match result {
+        Ok(Err(e)) => e.to_string(),
+        other => {
+            let log = std::fs::read_to_string(console).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "`{script}` did not kill the VM: {other:?}\nconsole:\n{}",
+                tail.join("\n")
+            )
+        }
+    }
+}
