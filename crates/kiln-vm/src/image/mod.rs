@@ -422,6 +422,19 @@ impl ImageInfo {
     }
 }
 
+/// Where the agent binary for new images is looked for: `$KILN_AGENT` if set, else `kiln-agent`
+/// next to the running executable, else `kiln-agent` in `PATH`.
+pub fn find_agent() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("KILN_AGENT") {
+        return Some(PathBuf::from(path));
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("kiln-agent")))
+        .filter(|p| p.is_file());
+    beside.or_else(|| find_in_path("kiln-agent"))
+}
+
 /// `<data_dir>/images`.
 pub fn images_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("images")

@@ -27,7 +27,8 @@
 //! Release asks the agent to power off (short timeout), then QMP `quit`, then SIGKILL, waits for
 //! the process and removes the per-VM directory. Dropping a [`QemuVm`] that was not released kills
 //! QEMU and removes the directory synchronously. QEMU also gets `PR_SET_PDEATHSIG = SIGKILL`, so
-//! it dies with the thread that started it even if kiln itself is killed.
+//! it dies with the thread that started it even if kiln itself is killed; the directory such a
+//! killed kiln leaves behind names its owner pid, and the next [`QemuProvider::new`] removes it.
 
 pub mod qmp;
 
@@ -225,6 +226,7 @@ impl QemuProvider {
         if let Some(reason) = missing_tools(&config) {
             return Err(unavailable(reason));
         }
+        sweep_orphans(&config.runtime_dir);
         Ok(QemuProvider {
             config,
             accel: Mutex::new(None),
@@ -521,6 +523,47 @@ fn console_tail(path: &Path) -> String {
     }
 }
 
+/// The file in a per-VM directory naming the pid of the kiln process that owns the VM.
+const OWNER_FILE: &str = "owner";
+
+/// Removes per-VM directories whose owning kiln process is gone (it was killed before it could
+/// clean up). Their QEMU died with it (`PR_SET_PDEATHSIG`), so only files remain.
+fn sweep_orphans(runtime_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(runtime_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let is_vm_dir = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with("qemu-"));
+        if !is_vm_dir {
+            continue;
+        }
+        let owner = std::fs::read_to_string(path.join(OWNER_FILE))
+            .ok()
+            .and_then(|text| text.trim().parse::<i32>().ok())
+            .and_then(rustix::process::Pid::from_raw);
+        let alive = owner.is_some_and(|pid| {
+            rustix::process::test_kill_process(pid).is_ok()
+                && std::fs::read_to_string(format!("/proc/{}/status", pid.as_raw_nonzero()))
+                    .is_ok_and(|s| {
+                        !s.lines()
+                            .any(|l| l.starts_with("State:") && l.contains('Z'))
+                    })
+        });
+        // A directory without a readable owner is one being created right now, or not ours.
+        if owner.is_some() && !alive {
+            tracing::info!(
+                "removing {} left by a kiln process that is gone",
+                path.display()
+            );
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+}
+
 /// A per-VM directory that is removed on drop unless kept.
 struct VmDir {
     dir: Option<PathBuf>,
@@ -546,10 +589,13 @@ impl VmDir {
                 .map_err(|e| io("creating the parent of", e))?;
         }
         let path = dir.to_owned();
-        tokio::task::spawn_blocking(move || std::fs::DirBuilder::new().mode(0o700).create(&path))
-            .await
-            .map_err(|e| io("creating", std::io::Error::other(e)))?
-            .map_err(|e| io("creating", e))?;
+        tokio::task::spawn_blocking(move || {
+            std::fs::DirBuilder::new().mode(0o700).create(&path)?;
+            std::fs::write(path.join(OWNER_FILE), std::process::id().to_string())
+        })
+        .await
+        .map_err(|e| io("creating", std::io::Error::other(e)))?
+        .map_err(|e| io("creating", e))?;
         Ok(VmDir {
             dir: Some(dir.to_owned()),
         })
@@ -1109,6 +1155,34 @@ mod tests {
     fn tsc_frequency_is_plausible() {
         let khz = host_tsc_khz();
         assert!((100_000..10_000_000).contains(&khz), "{khz} kHz");
+    }
+
+    #[test]
+    fn directories_of_dead_owners_are_swept() {
+        let runtime = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let make = |name: &str, owner: Option<String>| {
+            let dir = runtime.path().join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("console.log"), "x").unwrap();
+            if let Some(owner) = owner {
+                std::fs::write(dir.join(OWNER_FILE), owner).unwrap();
+            }
+        };
+        make("qemu-dead", Some(dead.to_string()));
+        make("qemu-mine", Some(std::process::id().to_string()));
+        make("qemu-new", None);
+        make("other", Some(dead.to_string()));
+        sweep_orphans(runtime.path());
+        let mut left: Vec<String> = std::fs::read_dir(runtime.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["other", "qemu-mine", "qemu-new"]);
     }
 
     #[test]

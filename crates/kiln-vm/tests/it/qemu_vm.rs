@@ -517,3 +517,72 @@ async fn run_err(vm: &dyn Vm, script: &str, console: &Path) -> String {
         }
     }
 }
+
+/// Not a test on its own: the child process of `a_killed_kiln_leaks_no_qemu`. It allocates a VM,
+/// reports it and waits to be killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_killed_kiln_leaks_no_qemu in a child process"]
+async fn orphan_helper() {
+    let runtime =
+        PathBuf::from(std::env::var_os("KILN_ORPHAN_RUNTIME").expect("run by the parent test"));
+    let qemu = provider(&runtime, Accel::Auto);
+    let allocation = qemu.allocate(&spec()).await.expect("VM boots");
+    println!("READY {}", allocation.vm.id());
+    tokio::time::sleep(Duration::from_secs(600)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_kiln_leaks_no_qemu() {
+    if support::skip_vm_tests() {
+        return;
+    }
+    tokio::task::spawn_blocking(support::default_image)
+        .await
+        .unwrap();
+    let _guard = VM_LOCK.lock().await;
+    let runtime = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "qemu_vm::orphan_helper",
+            "--nocapture",
+        ])
+        .env("KILN_ORPHAN_RUNTIME", runtime.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let id = tokio::time::timeout(Duration::from_secs(180), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(id) = line.strip_prefix("READY ") {
+                return id.to_owned();
+            }
+        }
+        panic!("the helper ended without a VM");
+    })
+    .await
+    .expect("the helper boots a VM");
+    assert_eq!(processes_of(&id).len(), 1);
+    // SIGKILL: no destructor, no release runs in the helper.
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !processes_of(&id).is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        processes_of(&id).is_empty(),
+        "QEMU outlived the kiln process that started it"
+    );
+    assert!(
+        runtime.path().join(&id).exists(),
+        "the helper could not have removed its VM dir"
+    );
+    // The next provider on this runtime dir sweeps the orphaned directory.
+    let _next = provider(runtime.path(), Accel::Auto);
+    assert_no_leak(runtime.path(), &[id]);
+}
