@@ -151,6 +151,12 @@ impl Terminal {
             EventKind::Log {
                 job, stream, line, ..
             } => {
+                if let Some(title) = line.strip_prefix("::group::") {
+                    return Some(format!("{}   ▼ {title}", self.prefix(run, job)));
+                }
+                if line.starts_with("::endgroup::") {
+                    return None;
+                }
                 let bar = match stream {
                     LogStream::Stdout => "|",
                     LogStream::Stderr => "!",
@@ -194,6 +200,9 @@ pub fn summary(style: Style, report: &RunReport, run: &str) -> String {
                 step.name,
                 human_ms(step.duration.as_millis() as u64)
             ));
+        }
+        for annotation in &job.annotations {
+            out.push_str(&format!("      {} {annotation}\n", style.paint("33", "!")));
         }
         if !job.summary.trim().is_empty() {
             out.push_str("      step summary:\n");

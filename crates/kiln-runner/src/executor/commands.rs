@@ -187,6 +187,45 @@ fn unescape_property(s: &str) -> String {
         .replace("%25", "%")
 }
 
+/// An `::error`, `::warning` or `::notice` annotation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Annotation {
+    /// `error`, `warning` or `notice`.
+    pub level: String,
+    /// The message (secrets masked).
+    pub message: String,
+    /// `file=`.
+    pub file: Option<String>,
+    /// `line=`.
+    pub line: Option<u32>,
+    /// `col=`.
+    pub col: Option<u32>,
+    /// `title=`.
+    pub title: Option<String>,
+    /// The step index it came from.
+    pub step: usize,
+}
+
+impl std::fmt::Display for Annotation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.level)?;
+        if let Some(file) = &self.file {
+            write!(f, " {file}")?;
+            if let Some(line) = self.line {
+                write!(f, ":{line}")?;
+                if let Some(col) = self.col {
+                    write!(f, ":{col}")?;
+                }
+            }
+        }
+        write!(f, ": ")?;
+        if let Some(title) = &self.title {
+            write!(f, "{title}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
 /// Replaces every secret (and every value added with `::add-mask::`) in log text by `***`.
 #[derive(Debug, Clone, Default)]
 pub struct Masker {

@@ -79,6 +79,18 @@ impl RunContext {
         map
     }
 
+    /// Whether `::debug::` lines are shown: the `ACTIONS_STEP_DEBUG` secret or variable is
+    /// `true`, as on GitHub.
+    pub fn step_debug(&self) -> bool {
+        [
+            self.secrets.get("ACTIONS_STEP_DEBUG"),
+            self.vars.get("ACTIONS_STEP_DEBUG"),
+        ]
+        .into_iter()
+        .flatten()
+        .any(|v| v.eq_ignore_ascii_case("true"))
+    }
+
     fn github_value(&self, workflow: &Workflow, job_id: &str) -> Value {
         let git = &self.git;
         let payload = &self.event_payload;

@@ -40,6 +40,7 @@ use tracing::{error, info};
 
 use crate::event::{Conclusion, EventKind, EventSink, LogStream};
 use crate::session::{SessionError, SessionGuard, SessionManager, SessionRequest};
+pub use commands::Annotation;
 use commands::{Masker, parse_key_values, parse_path_file, parse_workflow_command};
 pub use context::RunContext;
 pub use git::GitInfo;
@@ -120,8 +121,10 @@ pub struct JobReport {
     pub steps: Vec<StepReport>,
     /// Evaluated outputs.
     pub outputs: IndexMap<String, String>,
-    /// What steps wrote to `GITHUB_STEP_SUMMARY`.
+    /// What steps wrote to `GITHUB_STEP_SUMMARY` (secrets masked).
     pub summary: String,
+    /// `::error`/`::warning`/`::notice` annotations, in order.
+    pub annotations: Vec<Annotation>,
 }
 
 /// A run's result.
@@ -213,6 +216,7 @@ struct LegState {
     status: JobStatus,
     masker: Masker,
     summary: String,
+    annotations: Vec<Annotation>,
 }
 
 /// Where the runner's files live inside a VM.
@@ -593,6 +597,7 @@ impl WorkflowExecutor {
             steps: Vec::new(),
             outputs: IndexMap::new(),
             summary: String::new(),
+            annotations: Vec::new(),
         }
     }
 
@@ -626,6 +631,7 @@ impl WorkflowExecutor {
             steps: Vec::new(),
             outputs: IndexMap::new(),
             summary: String::new(),
+            annotations: Vec::new(),
         }
     }
 
@@ -666,6 +672,7 @@ impl WorkflowExecutor {
             status: JobStatus::Success,
             masker: Masker::default(),
             summary: String::new(),
+            annotations: Vec::new(),
         };
         for secret in state.options.context.secrets.values() {
             leg_state.masker.add(secret);
@@ -748,6 +755,7 @@ impl WorkflowExecutor {
             steps,
             outputs,
             summary: leg_state.summary,
+            annotations: leg_state.annotations,
         }
     }
 
@@ -924,6 +932,7 @@ impl WorkflowExecutor {
             job_id.to_owned(),
             step.index,
             leg.masker.clone(),
+            state.options.context.step_debug(),
         ));
         let exec = vm.exec(request, tx);
         // A step that starts after cancellation (an `always()` step) runs to its end; only a
@@ -935,6 +944,7 @@ impl WorkflowExecutor {
         };
         let pumped = pump.await.unwrap_or_default();
         leg.masker = pumped.masker;
+        leg.annotations.extend(pumped.annotations);
 
         let (outcome, exit_code, error) = match result {
             None => (Conclusion::Cancelled, None, Some("cancelled".to_owned())),
@@ -975,11 +985,12 @@ impl WorkflowExecutor {
                     }
                     leg.path.extend(fc.path);
                     outputs.extend(fc.outputs);
-                    leg.summary.push_str(&fc.summary);
+                    leg.summary.push_str(&leg.masker.mask(&fc.summary));
                 }
                 Err(e) => file_error = Some(e),
             }
         }
+        let file_error = file_error.or(pumped.disabled);
         let (outcome, error) = match (outcome, file_error) {
             (Conclusion::Success, Some(e)) => (Conclusion::Failure, Some(e)),
             (o, fe) => (o, error.or(fe)),
@@ -1116,6 +1127,7 @@ impl WorkflowExecutor {
             status: JobStatus::Failure,
             masker: Masker::default(),
             summary: String::new(),
+            annotations: Vec::new(),
         };
         self.finish_failed(state, job_id, step, &name, vm, &mut leg, started, message)
     }
@@ -1692,6 +1704,9 @@ async fn read_file_commands(vm: &dyn Vm, files: &FileCommandPaths) -> Result<Fil
 struct Pumped {
     masker: Masker,
     outputs: IndexMap<String, String>,
+    annotations: Vec<Annotation>,
+    /// A disabled command (`set-env`, `add-path`) was used: the step fails, as on GitHub.
+    disabled: Option<String>,
 }
 
 /// Splits output into lines, acts on workflow commands, masks secrets, emits `log` events.
@@ -1701,10 +1716,13 @@ async fn pump_output(
     job: String,
     step: usize,
     masker: Masker,
+    debug: bool,
 ) -> Pumped {
     let mut pumped = Pumped {
         masker,
         outputs: IndexMap::new(),
+        annotations: Vec::new(),
+        disabled: None,
     };
     let mut buffers: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
     let mut stop_token: Option<String> = None;
@@ -1722,12 +1740,44 @@ async fn pump_output(
                         pumped.masker.add(&cmd.message);
                         return;
                     }
-                    "set-output" => {
-                        if let Some(name) = cmd.properties.get("name") {
+                    "set-output" | "save-state" => {
+                        if cmd.name == "set-output"
+                            && let Some(name) = cmd.properties.get("name")
+                        {
                             pumped.outputs.insert(name.clone(), cmd.message.clone());
                         }
+                        events.emit(EventKind::Log {
+                            job: job.clone(),
+                            step: Some(step),
+                            stream: LogStream::Stderr,
+                            line: format!(
+                                "Warning: The `{}` command is deprecated and will be disabled \
+                                 soon. Please upgrade to using Environment Files.",
+                                cmd.name
+                            ),
+                        });
                         return;
                     }
+                    "set-env" | "add-path" => {
+                        let message = format!(
+                            "The `{}` command is disabled. Please upgrade to using Environment \
+                             Files or opt into unsecure command execution by setting the \
+                             `ACTIONS_ALLOW_UNSECURE_COMMANDS` environment variable to `true`.",
+                            cmd.name
+                        );
+                        pumped.disabled.get_or_insert(message);
+                        return;
+                    }
+                    "debug" if !debug => return,
+                    "error" | "warning" | "notice" => pumped.annotations.push(Annotation {
+                        level: cmd.name.clone(),
+                        message: pumped.masker.mask(&cmd.message),
+                        file: cmd.properties.get("file").cloned(),
+                        line: cmd.properties.get("line").and_then(|v| v.parse().ok()),
+                        col: cmd.properties.get("col").and_then(|v| v.parse().ok()),
+                        title: cmd.properties.get("title").cloned(),
+                        step,
+                    }),
                     "stop-commands" => stop_token = Some(cmd.message.clone()),
                     _ => {}
                 }
