@@ -15,6 +15,7 @@
 //! 4. [`graph`], [`matrix`], [`trigger`]: job ordering, matrix expansion and `on:` matching.
 #![warn(missing_docs)]
 
+pub mod action;
 pub mod expr;
 pub mod graph;
 pub mod load;
@@ -25,6 +26,7 @@ pub mod trigger;
 pub mod value;
 pub mod yaml;
 
+pub use action::{Action, ActionError, ActionInput, ActionOutput, ActionRuns, NodeRuns, parse_action};
 pub use expr::{Condition, EvalContext, Expr, ExprError, Host, JobStatus, Template};
 pub use graph::{GraphError, job_order};
 pub use load::{Diagnostic, WorkflowError, parse_workflow};
