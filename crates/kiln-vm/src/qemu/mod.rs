@@ -830,9 +830,12 @@ fn kernel_cmdline(accel: Accel, network: Network) -> String {
         cmdline.push_str(" kiln.net=10.0.2.15/24,10.0.2.2,10.0.2.3");
     }
     if accel != Accel::Kvm {
+        let khz = host_tsc_khz();
+        // `lpj` spares each secondary vCPU a delay-loop calibration that fails under TCG after
+        // ~0.7 s; it assumes Debian's HZ=250 (a wrong guess only skews udelay).
         cmdline.push_str(&format!(
-            " tsc_early_khz={} tsc=reliable no_timer_check",
-            host_tsc_khz()
+            " tsc_early_khz={khz} tsc=reliable no_timer_check lpj={}",
+            khz * 1000 / 250
         ));
     }
     cmdline
