@@ -91,12 +91,14 @@ pub fn list(args: &ListArgs) -> Result<u8, Exit> {
                     .get(job_id)
                     .and_then(|j| j.name.as_ref())
                     .map_or_else(|| job_id.clone(), |n| n.source().to_owned());
+                let events: Vec<&str> = workflow.on.events.keys().map(String::as_str).collect();
                 rows.push([
                     stage.to_string(),
                     job_id.clone(),
                     name,
                     workflow.display_name().to_owned(),
                     display_path(&path),
+                    events.join(","),
                 ]);
             }
         }
@@ -115,6 +117,7 @@ pub fn list(args: &ListArgs) -> Result<u8, Exit> {
         "Job name",
         "Workflow name",
         "Workflow file",
+        "Events",
     ];
     let mut widths = header.map(str::len);
     for row in &rows {
@@ -122,7 +125,7 @@ pub fn list(args: &ListArgs) -> Result<u8, Exit> {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let print = |cells: [&str; 5]| {
+    let print = |cells: [&str; 6]| {
         let line: Vec<String> = cells
             .iter()
             .zip(widths)
@@ -132,7 +135,7 @@ pub fn list(args: &ListArgs) -> Result<u8, Exit> {
     };
     print(header);
     for row in &rows {
-        print([&row[0], &row[1], &row[2], &row[3], &row[4]]);
+        print([&row[0], &row[1], &row[2], &row[3], &row[4], &row[5]]);
     }
     Ok(exit::SUCCESS)
 }

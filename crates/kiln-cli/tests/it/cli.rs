@@ -412,3 +412,34 @@ fn example_workflow_runs_in_a_real_vm() {
     }));
     assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
 }
+
+#[test]
+fn every_corpus_workflow_validates() {
+    let shared = std::env::var_os("KILN_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
+    let corpus = shared.join("corpus");
+    assert!(
+        corpus.is_dir(),
+        "the shared corpus is missing at {}",
+        corpus.display()
+    );
+    let env = Env::new();
+    let out = env
+        .kiln()
+        .arg("validate")
+        .arg(corpus.join("workflows"))
+        .arg(corpus.join("actionlint-ok"))
+        .output()
+        .expect("validate");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let summary = stderr.lines().last().unwrap_or_default();
+    assert!(summary.ends_with(" checked, 0 invalid"), "{summary}");
+    let checked: usize = summary
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("count");
+    assert!(checked >= 263, "{summary}");
+}
