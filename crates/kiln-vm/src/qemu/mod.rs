@@ -979,8 +979,15 @@ impl Vm for QemuVm {
         WORK_ROOT
     }
 
-    async fn exec(&self, request: ExecRequest, output: OutputSink) -> Result<ExecOutcome, VmError> {
+    async fn exec(
+        &self,
+        mut request: ExecRequest,
+        output: OutputSink,
+    ) -> Result<ExecOutcome, VmError> {
         self.check()?;
+        if request.cwd.is_none() {
+            request.cwd = Some(WORK_ROOT.to_owned());
+        }
         match self.client.exec(request, output).await {
             Ok(outcome) => Ok(outcome),
             Err(e) => Err(self.explain(e).await),

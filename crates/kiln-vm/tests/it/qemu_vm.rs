@@ -199,6 +199,8 @@ async fn two_vms_run_commands_transfer_files_are_distinct_and_leave_nothing() {
         ran.chunks
     );
     assert_eq!(sh(&*a.vm, "echo $KILN_TEST").await, "yes");
+    // Commands without a cwd run in the work root.
+    assert_eq!(sh(&*a.vm, "pwd").await, a.vm.work_root());
     let missing = a.vm.exec(
         ExecRequest {
             command: Command::Argv(vec!["definitely-not-a-program".into()]),
@@ -274,7 +276,15 @@ async fn two_vms_run_commands_transfer_files_are_distinct_and_leave_nothing() {
             .lines()
             .find(|l| l.starts_with("VmRSS:"))
             .unwrap_or("VmRSS: ?");
-        eprintln!("idle VM ({} MiB guest RAM): QEMU {rss}", spec().memory_mib);
+        let used_kib = sh(
+            &*a.vm,
+            "awk '/MemTotal/{t=$2} /MemFree/{f=$2} END{print t-f}' /proc/meminfo",
+        )
+        .await;
+        eprintln!(
+            "idle VM ({} MiB guest RAM, {used_kib} kB of it in use by the guest): QEMU {rss}",
+            spec().memory_mib
+        );
     }
 
     // The runner user has passwordless sudo.
