@@ -69,7 +69,7 @@ pub enum ActionRuns {
         steps: Vec<Step>,
     },
     /// `using: node16|node20|node24` (and the retired `node12`).
-    Node(NodeRuns),
+    Node(Box<NodeRuns>),
     /// `using: docker`.
     Docker {
         /// The `using:` value with its position.
@@ -423,7 +423,7 @@ impl ActionLoader<'_> {
                 let post = get("post").and_then(|(_, v)| self.string(v, "runs.post"));
                 let pre_if = get("pre-if").and_then(|(_, v)| self.condition(v, "runs.pre-if"));
                 let post_if = get("post-if").and_then(|(_, v)| self.condition(v, "runs.post-if"));
-                Some(ActionRuns::Node(NodeRuns {
+                Some(ActionRuns::Node(Box::new(NodeRuns {
                     using,
                     version,
                     main,
@@ -431,7 +431,7 @@ impl ActionLoader<'_> {
                     pre_if,
                     post,
                     post_if,
-                }))
+                })))
             }
             _ => {
                 self.diagnostics.push(Diagnostic {
@@ -448,7 +448,10 @@ impl ActionLoader<'_> {
         let NodeKind::Seq(items) = &node.kind else {
             self.error(
                 &node.span,
-                format!("`runs.steps` must be a sequence, found {}", node.kind_name()),
+                format!(
+                    "`runs.steps` must be a sequence, found {}",
+                    node.kind_name()
+                ),
             );
             return Vec::new();
         };
@@ -504,7 +507,9 @@ impl ActionLoader<'_> {
                 let Some((_, shell_node)) = get("shell") else {
                     self.diagnostics.push(Diagnostic {
                         span: node.span.clone(),
-                        message: format!("A `run` step in a composite action needs `shell:` ({context})"),
+                        message: format!(
+                            "A `run` step in a composite action needs `shell:` ({context})"
+                        ),
                         help: Some("add `shell: bash` (or sh, python, ...)".into()),
                     });
                     return None;
@@ -521,7 +526,10 @@ impl ActionLoader<'_> {
             (None, Some((_, uses_node))) => {
                 let uses = self.string(uses_node, "uses")?;
                 if uses.value.contains("${{") || uses.value.trim().is_empty() {
-                    self.error(&uses.span, "`uses` must name an action, without expressions");
+                    self.error(
+                        &uses.span,
+                        "`uses` must name an action, without expressions",
+                    );
                     return None;
                 }
                 let with = get("with")
@@ -577,7 +585,9 @@ mod tests {
         };
         assert_eq!(steps.len(), 2);
         assert_eq!(steps[0].id.as_ref().map(|s| s.value.as_str()), Some("say"));
-        assert!(matches!(&steps[1].action, StepAction::Uses { uses, .. } if uses.value == "./other"));
+        assert!(
+            matches!(&steps[1].action, StepAction::Uses { uses, .. } if uses.value == "./other")
+        );
     }
 
     #[test]
@@ -591,7 +601,10 @@ mod tests {
         assert_eq!(node.main.value, "dist/index.js");
         assert!(node.pre_if.is_some());
         assert!(node.post_if.is_none());
-        assert_eq!(node.post.as_ref().map(|p| p.value.as_str()), Some("post.js"));
+        assert_eq!(
+            node.post.as_ref().map(|p| p.value.as_str()),
+            Some("post.js")
+        );
     }
 
     #[test]
@@ -607,13 +620,20 @@ mod tests {
         let err = parse_action("action.yml", "name: x\nrun:\n  using: node20\n").expect_err("bad");
         assert!(err.to_string().contains("Unknown key `run`"), "{err}");
         let err = parse_action("action.yml", "runs:\n  using: java\n  main: x\n").expect_err("bad");
-        assert!(err.to_string().contains("action.yml:2:10: Unknown `runs.using: java`"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("action.yml:2:10: Unknown `runs.using: java`"),
+            "{err}"
+        );
     }
 
     #[test]
     fn docker_actions_parse_so_the_runner_can_refuse_them() {
-        let action = parse_action("action.yml", "runs:\n  using: docker\n  image: Dockerfile\n")
-            .expect("valid");
+        let action = parse_action(
+            "action.yml",
+            "runs:\n  using: docker\n  image: Dockerfile\n",
+        )
+        .expect("valid");
         assert!(matches!(action.runs, ActionRuns::Docker { .. }));
     }
 }

@@ -17,6 +17,7 @@
 //! other, and shares the workspace. Under `isolation = "job"` each job leg gets its own session
 //! and the legs of a dependency level run concurrently, bounded by the session limit.
 
+pub mod actions;
 pub mod commands;
 mod context;
 mod git;
@@ -153,6 +154,14 @@ pub enum ExecError {
         /// One line per problem, each with `file:line:col`.
         problems: Vec<String>,
     },
+    /// An action the workflow uses could not be resolved or read. Nothing was allocated.
+    #[error("Actions of {workflow} cannot be used:\n{}", .problems.join("\n"))]
+    Actions {
+        /// Workflow file.
+        workflow: String,
+        /// One line per problem: `file:line:col`, the step, the action, what was tried.
+        problems: Vec<String>,
+    },
     /// The job graph is invalid.
     #[error("Invalid job graph in {workflow}")]
     Graph {
@@ -187,7 +196,7 @@ impl ExecError {
     pub fn is_user_error(&self) -> bool {
         matches!(
             self,
-            ExecError::Unsupported { .. } | ExecError::Graph { .. }
+            ExecError::Unsupported { .. } | ExecError::Graph { .. } | ExecError::Actions { .. }
         ) || matches!(self, ExecError::Session { source, .. }
                 if matches!(**source, SessionError::LimitReached { .. }))
     }
@@ -197,6 +206,7 @@ impl ExecError {
 #[derive(Clone)]
 pub struct WorkflowExecutor {
     sessions: SessionManager,
+    resolver: actions::ActionResolver,
 }
 
 /// Per-run state shared by its jobs.
@@ -206,6 +216,8 @@ struct RunState<'a> {
     events: &'a EventSink,
     cancel: &'a CancellationToken,
     allocations: std::sync::atomic::AtomicUsize,
+    /// Remote actions resolved on the host before the run started.
+    catalog: actions::Catalog,
 }
 
 /// The part of a job leg's state that steps change.
@@ -217,12 +229,34 @@ struct LegState {
     masker: Masker,
     summary: String,
     annotations: Vec<Annotation>,
+    /// Actions' `post` scripts, in the order their main steps ran (run in reverse).
+    posts: Vec<actions::PostStep>,
+    /// State saved by `pre` scripts, by the index of the step whose action they belong to.
+    pre_state: HashMap<usize, IndexMap<String, String>>,
+}
+
+impl LegState {
+    fn new(status: JobStatus) -> LegState {
+        LegState {
+            env: IndexMap::new(),
+            path: Vec::new(),
+            steps: IndexMap::new(),
+            status,
+            masker: Masker::default(),
+            summary: String::new(),
+            annotations: Vec::new(),
+            posts: Vec::new(),
+            pre_state: HashMap::new(),
+        }
+    }
 }
 
 /// Where the runner's files live inside a VM.
 #[derive(Debug, Clone)]
 struct Layout {
     workspace: String,
+    /// Remote actions' trees: `<actions>/<owner>/<repo>/<commit>`.
+    actions: String,
     temp: String,
     tool_cache: String,
     home: String,
@@ -234,6 +268,7 @@ impl Layout {
     fn new(root: &str) -> Layout {
         Layout {
             workspace: format!("{root}/workspace"),
+            actions: format!("{root}/_actions"),
             temp: format!("{root}/temp"),
             tool_cache: format!("{root}/tool-cache"),
             home: format!("{root}/home"),
@@ -248,12 +283,47 @@ struct Prepared {
     guard: SessionGuard,
     layout: Layout,
     base_path: String,
+    /// Guest directories of remote actions already copied into this VM.
+    copied: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The guest's node: `(major, "vX.Y.Z")`, or `None` inside when there is none. Asked once.
+    node: tokio::sync::Mutex<Option<Option<(u32, String)>>>,
+    /// Whether the workspace is still exactly the copy made at setup (no process ran yet).
+    pristine: std::sync::atomic::AtomicBool,
+}
+
+impl Prepared {
+    fn new(guard: SessionGuard, layout: Layout, base_path: String) -> Prepared {
+        Prepared {
+            guard,
+            layout,
+            base_path,
+            copied: Default::default(),
+            node: Default::default(),
+            pristine: std::sync::atomic::AtomicBool::new(true),
+        }
+    }
+
+    /// A process is about to run: the workspace may change from now on.
+    fn touch_workspace(&self) {
+        self.pristine
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl WorkflowExecutor {
     /// An executor that takes its sessions from `sessions`.
     pub fn new(sessions: SessionManager) -> WorkflowExecutor {
-        WorkflowExecutor { sessions }
+        WorkflowExecutor {
+            sessions,
+            resolver: actions::ActionResolver::default(),
+        }
+    }
+
+    /// Where remote actions and reusable workflows come from (base URL, cache, offline,
+    /// overrides). The default fetches from `https://github.com` into kiln's data directory.
+    pub fn with_actions(mut self, config: actions::ActionConfig) -> WorkflowExecutor {
+        self.resolver = actions::ActionResolver::new(config);
+        self
     }
 
     /// The session manager.
@@ -277,6 +347,17 @@ impl WorkflowExecutor {
         let started = Instant::now();
         let name = workflow.display_name().to_owned();
         check_supported(workflow, &options.only_jobs)?;
+        let catalog = actions::catalog::build(
+            &self.resolver,
+            workflow,
+            &options.only_jobs,
+            options.context.workspace.as_deref(),
+        )
+        .await
+        .map_err(|problems| ExecError::Actions {
+            workflow: workflow.file.to_string(),
+            problems,
+        })?;
         let levels = kiln_workflow::job_order(workflow).map_err(|source| ExecError::Graph {
             workflow: workflow.file.to_string(),
             source: Box::new(source),
@@ -293,6 +374,7 @@ impl WorkflowExecutor {
             events,
             cancel,
             allocations: Default::default(),
+            catalog,
         };
         let outcome = match options.isolation {
             Isolation::Workflow => self.run_in_one_session(&state, &levels).await,
@@ -432,22 +514,11 @@ impl WorkflowExecutor {
         let vm = guard.vm().clone();
         let layout = Layout::new(vm.work_root());
         match setup(&*vm, &layout, &state.options.context).await {
-            Ok(base_path) => Ok(Prepared {
-                guard,
-                layout,
-                base_path,
-            }),
+            Ok(base_path) => Ok(Prepared::new(guard, layout, base_path)),
             Err(source) => {
                 let vm_id = guard.vm_id().to_owned();
-                self.close_session(
-                    state,
-                    Prepared {
-                        guard,
-                        layout,
-                        base_path: String::new(),
-                    },
-                )
-                .await;
+                self.close_session(state, Prepared::new(guard, layout, String::new()))
+                    .await;
                 Err(ExecError::Setup { vm: vm_id, source })
             }
         }
@@ -665,15 +736,7 @@ impl WorkflowExecutor {
             job: job_id.to_owned(),
             name: name.clone(),
         });
-        let mut leg_state = LegState {
-            env: IndexMap::new(),
-            path: Vec::new(),
-            steps: IndexMap::new(),
-            status: JobStatus::Success,
-            masker: Masker::default(),
-            summary: String::new(),
-            annotations: Vec::new(),
-        };
+        let mut leg_state = LegState::new(JobStatus::Success);
         for secret in state.options.context.secrets.values() {
             leg_state.masker.add(secret);
         }
@@ -686,6 +749,22 @@ impl WorkflowExecutor {
 
         let mut steps = Vec::new();
         let total_steps = job.steps.len();
+        // Pre and post steps are numbered after the job's own steps.
+        let mut next_index = total_steps;
+        ctx_map.insert("env".into(), string_map_value(&state.options.context.env));
+        steps.extend(
+            self.run_pre_steps(
+                state,
+                job_id,
+                &job.steps,
+                &mut next_index,
+                (&vm, prepared, cancel),
+                &ctx_map,
+                &mut leg_state,
+                deadline,
+            )
+            .await,
+        );
         for step in &job.steps {
             if cancel.is_cancelled() && leg_state.status != JobStatus::Cancelled {
                 leg_state.status = JobStatus::Cancelled;
@@ -713,6 +792,19 @@ impl WorkflowExecutor {
             }
             steps.push(report);
         }
+        ctx_map.insert("steps".into(), Value::Object(leg_state.steps.clone()));
+        steps.extend(
+            self.run_post_steps(
+                state,
+                job_id,
+                &mut next_index,
+                (&vm, prepared, cancel),
+                &ctx_map,
+                &mut leg_state,
+                deadline,
+            )
+            .await,
+        );
 
         // Outputs see the final steps context.
         ctx_map.insert("steps".into(), Value::Object(leg_state.steps.clone()));
@@ -858,143 +950,43 @@ impl WorkflowExecutor {
         }
         ctx_map.insert("env".into(), string_map_value(&env));
 
-        let plan = match self.step_command(state, job, step, ctx_map, &host, layout) {
-            Ok(plan) => plan,
-            Err(e) => return self.finish_failed(state, job_id, step, &name, vm, leg, started, e),
-        };
-        let StepCommand::Exec { command, cwd } = plan else {
-            // Handled natively (actions/checkout); nothing ran in the VM.
-            let report = StepReport {
-                name,
-                outcome: Conclusion::Success,
-                conclusion: Conclusion::Success,
-                exit_code: None,
-                duration: started.elapsed(),
-                error: None,
-            };
-            self.record_step(state, job_id, step, vm, leg, &report, IndexMap::new());
-            return report;
-        };
-
-        // Fresh file-command files for this step.
-        let files = FileCommandPaths::new(layout, step.index);
-        for path in files.all() {
-            if let Err(e) = vm.write_file(path, b"").await {
-                return self.finish_failed(
-                    state,
-                    job_id,
-                    step,
-                    &name,
-                    vm,
-                    leg,
-                    started,
-                    e.to_string(),
-                );
-            }
-        }
-        let mut exec_env = context::default_env(
-            &state.options.context,
-            state.workflow,
+        let cx = StepCx {
+            state,
             job_id,
             step,
-            layout,
-            vm.id(),
-        );
-        exec_env.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
-        exec_env.insert("GITHUB_ENV".into(), files.env.clone());
-        exec_env.insert("GITHUB_OUTPUT".into(), files.output.clone());
-        exec_env.insert("GITHUB_PATH".into(), files.path.clone());
-        exec_env.insert("GITHUB_STATE".into(), files.state.clone());
-        exec_env.insert("GITHUB_STEP_SUMMARY".into(), files.summary.clone());
-        if !leg.path.is_empty() {
-            let mut path: Vec<&str> = leg.path.iter().rev().map(String::as_str).collect();
-            path.push(&prepared.base_path);
-            exec_env.insert("PATH".into(), path.join(":"));
-        }
-        let step_timeout = step
-            .timeout_minutes
-            .as_ref()
-            .and_then(|t| eval_minutes(t, ctx_map, &host));
-        let now = tokio::time::Instant::now();
-        let left = deadline.saturating_duration_since(now);
-        let timeout = Some(step_timeout.map_or(left, |t| t.min(left)));
-        let request = ExecRequest {
-            command,
-            env: exec_env.into_iter().collect(),
-            cwd: Some(cwd),
-            timeout,
+            vm,
+            prepared,
+            cancel,
+            timeout: step_timeout_of(step, ctx_map, &host, deadline),
         };
-
-        let (tx, rx) = mpsc::unbounded_channel();
-        let pump = tokio::spawn(pump_output(
-            rx,
-            state.events.clone(),
-            job_id.to_owned(),
-            step.index,
-            leg.masker.clone(),
-            state.options.context.step_debug(),
-        ));
-        let exec = vm.exec(request, tx);
-        // A step that starts after cancellation (an `always()` step) runs to its end; only a
-        // hard stop (dropping the run) interrupts it.
-        let interruptible = !cancel.is_cancelled();
-        let result = tokio::select! {
-            r = exec => Some(r),
-            () = cancel.cancelled(), if interruptible => None,
-        };
-        let pumped = pump.await.unwrap_or_default();
-        leg.masker = pumped.masker;
-        leg.annotations.extend(pumped.annotations);
-
-        let (outcome, exit_code, error) = match result {
-            None => (Conclusion::Cancelled, None, Some("cancelled".to_owned())),
-            Some(Err(e)) => (Conclusion::Failure, None, Some(e.to_string())),
-            Some(Ok(o)) => match o.status {
-                ExitStatus::Exited(0) => (Conclusion::Success, Some(0), None),
-                ExitStatus::Exited(code) => (
-                    Conclusion::Failure,
-                    Some(code),
-                    Some(format!("Process completed with exit code {code}.")),
-                ),
-                ExitStatus::Signaled(sig) => (
-                    Conclusion::Failure,
-                    None,
-                    Some(format!("Process was killed by signal {sig}.")),
-                ),
-                ExitStatus::TimedOut => {
-                    let minutes = timeout.map_or(0.0, |t| t.as_secs_f64() / 60.0);
-                    (
-                        Conclusion::Failure,
-                        None,
-                        Some(format!(
-                            "The step exceeded its time limit of {minutes:.1} minutes and was killed."
-                        )),
-                    )
+        let done = match &step.action {
+            StepAction::Uses { uses, with } if actions::is_checkout(&uses.value) => {
+                self.checkout(&cx, leg, with, ctx_map, &host).await
+            }
+            StepAction::Uses { uses, with } => {
+                let call = actions::ActionCall {
+                    uses,
+                    with,
+                    env: &env,
+                    depth: 0,
+                };
+                self.run_action(&cx, leg, &call, ctx_map, &host).await
+            }
+            _ => match self.step_command(state, job, step, ctx_map, &host, layout) {
+                Ok(StepCommand::Exec { command, cwd }) => {
+                    self.exec_process(&cx, leg, command, cwd, &env).await.into()
+                }
+                Err(e) => {
+                    return self.finish_failed(state, job_id, step, &name, vm, leg, started, e);
                 }
             },
         };
-
-        // File commands are read back even after a failure, as GitHub does.
-        let mut outputs = pumped.outputs;
-        let mut file_error = None;
-        if outcome != Conclusion::Cancelled {
-            match read_file_commands(&**vm, &files).await {
-                Ok(fc) => {
-                    for (k, v) in fc.env {
-                        leg.env.insert(k, v);
-                    }
-                    leg.path.extend(fc.path);
-                    outputs.extend(fc.outputs);
-                    leg.summary.push_str(&leg.masker.mask(&fc.summary));
-                }
-                Err(e) => file_error = Some(e),
-            }
-        }
-        let file_error = file_error.or(pumped.disabled);
-        let (outcome, error) = match (outcome, file_error) {
-            (Conclusion::Success, Some(e)) => (Conclusion::Failure, Some(e)),
-            (o, fe) => (o, error.or(fe)),
-        };
+        let StepDone {
+            outcome,
+            exit_code,
+            error,
+            outputs,
+        } = done;
         if let Some(message) = &error {
             state.events.emit(EventKind::Log {
                 job: job_id.to_owned(),
@@ -1020,6 +1012,134 @@ impl WorkflowExecutor {
         };
         self.record_step(state, job_id, step, vm, leg, &report, outputs);
         report
+    }
+
+    /// Runs one process for a step (a `run:` script, an action's script) with fresh
+    /// file-command files, streams and masks its output, and reads the file commands back:
+    /// `GITHUB_ENV` and `GITHUB_PATH` change the job leg; outputs and state are returned.
+    async fn exec_process(
+        &self,
+        cx: &StepCx<'_, '_>,
+        leg: &mut LegState,
+        command: kiln_vm::Command,
+        cwd: String,
+        env: &IndexMap<String, String>,
+    ) -> ProcessResult {
+        let vm = cx.vm;
+        let layout = &cx.prepared.layout;
+        cx.prepared.touch_workspace();
+        let files = FileCommandPaths::new(layout, cx.step.index);
+        for path in files.all() {
+            if let Err(e) = vm.write_file(path, b"").await {
+                return ProcessResult::failed(e.to_string());
+            }
+        }
+        let mut exec_env = context::default_env(
+            &cx.state.options.context,
+            cx.state.workflow,
+            cx.job_id,
+            cx.step,
+            layout,
+            vm.id(),
+        );
+        exec_env.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        exec_env.insert("GITHUB_ENV".into(), files.env.clone());
+        exec_env.insert("GITHUB_OUTPUT".into(), files.output.clone());
+        exec_env.insert("GITHUB_PATH".into(), files.path.clone());
+        exec_env.insert("GITHUB_STATE".into(), files.state.clone());
+        exec_env.insert("GITHUB_STEP_SUMMARY".into(), files.summary.clone());
+        if !leg.path.is_empty() {
+            let mut path: Vec<&str> = leg.path.iter().rev().map(String::as_str).collect();
+            path.push(&cx.prepared.base_path);
+            exec_env.insert("PATH".into(), path.join(":"));
+        }
+        let timeout = cx.timeout;
+        let request = ExecRequest {
+            command,
+            env: exec_env.into_iter().collect(),
+            cwd: Some(cwd),
+            timeout: Some(timeout),
+        };
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        let pump = tokio::spawn(pump_output(
+            rx,
+            cx.state.events.clone(),
+            cx.job_id.to_owned(),
+            cx.step.index,
+            leg.masker.clone(),
+            cx.state.options.context.step_debug(),
+        ));
+        let exec = vm.exec(request, tx);
+        // A step that starts after cancellation (an `always()` step) runs to its end; only a
+        // hard stop (dropping the run) interrupts it.
+        let interruptible = !cx.cancel.is_cancelled();
+        let result = tokio::select! {
+            r = exec => Some(r),
+            () = cx.cancel.cancelled(), if interruptible => None,
+        };
+        let pumped = pump.await.unwrap_or_default();
+        leg.masker = pumped.masker;
+        leg.annotations.extend(pumped.annotations);
+
+        let (outcome, exit_code, error) = match result {
+            None => (Conclusion::Cancelled, None, Some("cancelled".to_owned())),
+            Some(Err(e)) => (Conclusion::Failure, None, Some(e.to_string())),
+            Some(Ok(o)) => match o.status {
+                ExitStatus::Exited(0) => (Conclusion::Success, Some(0), None),
+                ExitStatus::Exited(code) => (
+                    Conclusion::Failure,
+                    Some(code),
+                    Some(format!("Process completed with exit code {code}.")),
+                ),
+                ExitStatus::Signaled(sig) => (
+                    Conclusion::Failure,
+                    None,
+                    Some(format!("Process was killed by signal {sig}.")),
+                ),
+                ExitStatus::TimedOut => {
+                    let minutes = timeout.as_secs_f64() / 60.0;
+                    (
+                        Conclusion::Failure,
+                        None,
+                        Some(format!(
+                            "The step exceeded its time limit of {minutes:.1} minutes and was killed."
+                        )),
+                    )
+                }
+            },
+        };
+
+        // File commands are read back even after a failure, as GitHub does.
+        let mut outputs = pumped.outputs;
+        let mut state = pumped.state;
+        let mut file_error = None;
+        if outcome != Conclusion::Cancelled {
+            match read_file_commands(&**vm, &files).await {
+                Ok(fc) => {
+                    for (k, v) in fc.env {
+                        leg.env.insert(k, v);
+                    }
+                    leg.path.extend(fc.path);
+                    outputs.extend(fc.outputs);
+                    state.extend(fc.state);
+                    leg.summary.push_str(&leg.masker.mask(&fc.summary));
+                }
+                Err(e) => file_error = Some(e),
+            }
+        }
+        let file_error = file_error.or(pumped.disabled);
+        let (outcome, error) = match (outcome, file_error) {
+            (Conclusion::Success, Some(e)) => (Conclusion::Failure, Some(e)),
+            (o, fe) => (o, error.or(fe)),
+        };
+        ProcessResult {
+            outcome,
+            exit_code,
+            error,
+            outputs,
+            state,
+        }
     }
 
     fn step_command(
@@ -1063,9 +1183,8 @@ impl WorkflowExecutor {
                     cwd: resolve_dir(&layout.workspace, dir.as_deref()),
                 })
             }
-            StepAction::Uses { uses, .. } if is_checkout(&uses.value) => Ok(StepCommand::Native),
             StepAction::Uses { uses, .. } => Err(format!(
-                "`uses: {}` is not supported yet: kiln runs `run:` steps and actions/checkout",
+                "`uses: {}` is run as an action, not a command",
                 uses.value
             )),
             other => Err(unsupported_step(other).unwrap_or_default()),
@@ -1120,15 +1239,7 @@ impl WorkflowExecutor {
             name: name.clone(),
             vm: vm.id().to_owned(),
         });
-        let mut leg = LegState {
-            env: IndexMap::new(),
-            path: Vec::new(),
-            steps: IndexMap::new(),
-            status: JobStatus::Failure,
-            masker: Masker::default(),
-            summary: String::new(),
-            annotations: Vec::new(),
-        };
+        let mut leg = LegState::new(JobStatus::Failure);
         self.finish_failed(state, job_id, step, &name, vm, &mut leg, started, message)
     }
 
@@ -1164,18 +1275,108 @@ impl WorkflowExecutor {
     }
 }
 
+/// What one step needs to run processes: where, for whom, and until when.
+struct StepCx<'a, 'r> {
+    state: &'a RunState<'r>,
+    job_id: &'a str,
+    /// The job's step this work belongs to (events and `GITHUB_ACTION` name it).
+    step: &'a Step,
+    vm: &'a Arc<dyn Vm>,
+    prepared: &'a Prepared,
+    cancel: &'a CancellationToken,
+    /// Time left for the step: its `timeout-minutes`, bounded by the job's deadline.
+    timeout: Duration,
+}
+
+/// A step's result before `continue-on-error`.
+struct StepDone {
+    outcome: Conclusion,
+    exit_code: Option<i32>,
+    error: Option<String>,
+    outputs: IndexMap<String, String>,
+}
+
+impl StepDone {
+    fn failed(message: impl Into<String>) -> StepDone {
+        StepDone {
+            outcome: Conclusion::Failure,
+            exit_code: None,
+            error: Some(message.into()),
+            outputs: IndexMap::new(),
+        }
+    }
+
+    fn skipped() -> StepDone {
+        StepDone {
+            outcome: Conclusion::Skipped,
+            exit_code: None,
+            error: None,
+            outputs: IndexMap::new(),
+        }
+    }
+
+    fn success(outputs: IndexMap<String, String>) -> StepDone {
+        StepDone {
+            outcome: Conclusion::Success,
+            exit_code: None,
+            error: None,
+            outputs,
+        }
+    }
+}
+
+/// One process's result: outcome, outputs and what it saved with `GITHUB_STATE`.
+struct ProcessResult {
+    outcome: Conclusion,
+    exit_code: Option<i32>,
+    error: Option<String>,
+    outputs: IndexMap<String, String>,
+    state: IndexMap<String, String>,
+}
+
+impl ProcessResult {
+    fn failed(message: String) -> ProcessResult {
+        ProcessResult {
+            outcome: Conclusion::Failure,
+            exit_code: None,
+            error: Some(message),
+            outputs: IndexMap::new(),
+            state: IndexMap::new(),
+        }
+    }
+}
+
+impl From<ProcessResult> for StepDone {
+    fn from(p: ProcessResult) -> StepDone {
+        StepDone {
+            outcome: p.outcome,
+            exit_code: p.exit_code,
+            error: p.error,
+            outputs: p.outputs,
+        }
+    }
+}
+
+/// The step's time limit: its `timeout-minutes`, bounded by what is left of the job's.
+fn step_timeout_of(
+    step: &Step,
+    ctx: &IndexMap<String, Value>,
+    host: &StaticHost,
+    deadline: tokio::time::Instant,
+) -> Duration {
+    let step_timeout = step
+        .timeout_minutes
+        .as_ref()
+        .and_then(|t| eval_minutes(t, ctx, host));
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    step_timeout.map_or(left, |t| t.min(left))
+}
+
 enum StepCommand {
     Exec {
         command: kiln_vm::Command,
         cwd: String,
     },
-    Native,
-}
-
-fn is_checkout(uses: &str) -> bool {
-    uses.split('@')
-        .next()
-        .is_some_and(|name| name.eq_ignore_ascii_case("actions/checkout"))
 }
 
 /// Refuses, before any VM exists, what kiln cannot run yet.
@@ -1220,17 +1421,6 @@ fn check_supported(workflow: &Workflow, only_jobs: &[String]) -> Result<(), Exec
             ));
         }
         for step in &job.steps {
-            if let StepAction::Uses { uses, .. } = &step.action
-                && !is_checkout(&uses.value)
-            {
-                problems.push(format!(
-                    "{}: step `{}` of job `{id}` uses the action `{}`; kiln runs only `run:` \
-                     steps and actions/checkout so far",
-                    uses.span,
-                    step.display_name(),
-                    uses.value
-                ));
-            }
             if step.background {
                 problems.push(format!(
                     "{}: step `{}` of job `{id}`: `background:` steps are not supported yet",
@@ -1671,6 +1861,7 @@ impl FileCommandPaths {
 struct FileCommands {
     env: IndexMap<String, String>,
     outputs: IndexMap<String, String>,
+    state: IndexMap<String, String>,
     path: Vec<String>,
     summary: String,
 }
@@ -1686,14 +1877,15 @@ async fn read_file_commands(vm: &dyn Vm, files: &FileCommandPaths) -> Result<Fil
         .map_err(|e| e.to_string())?;
     let outputs = parse_key_values("GITHUB_OUTPUT", &read(files.output.clone()).await?)
         .map_err(|e| e.to_string())?;
-    // GITHUB_STATE is parsed to report malformed files; its values are for post steps.
-    parse_key_values("GITHUB_STATE", &read(files.state.clone()).await?)
+    // GITHUB_STATE: an action's pre/main steps hand values to its later steps (`STATE_*`).
+    let state = parse_key_values("GITHUB_STATE", &read(files.state.clone()).await?)
         .map_err(|e| e.to_string())?;
     let path = parse_path_file(&read(files.path.clone()).await?);
     let summary = read(files.summary.clone()).await?;
     Ok(FileCommands {
         env,
         outputs,
+        state,
         path,
         summary,
     })
@@ -1704,6 +1896,8 @@ async fn read_file_commands(vm: &dyn Vm, files: &FileCommandPaths) -> Result<Fil
 struct Pumped {
     masker: Masker,
     outputs: IndexMap<String, String>,
+    /// `::save-state name=..::` (the deprecated stdout form of `GITHUB_STATE`).
+    state: IndexMap<String, String>,
     annotations: Vec<Annotation>,
     /// A disabled command (`set-env`, `add-path`) was used: the step fails, as on GitHub.
     disabled: Option<String>,
@@ -1721,6 +1915,7 @@ async fn pump_output(
     let mut pumped = Pumped {
         masker,
         outputs: IndexMap::new(),
+        state: IndexMap::new(),
         annotations: Vec::new(),
         disabled: None,
     };
@@ -1745,6 +1940,11 @@ async fn pump_output(
                             && let Some(name) = cmd.properties.get("name")
                         {
                             pumped.outputs.insert(name.clone(), cmd.message.clone());
+                        }
+                        if cmd.name == "save-state"
+                            && let Some(name) = cmd.properties.get("name")
+                        {
+                            pumped.state.insert(name.clone(), cmd.message.clone());
                         }
                         events.emit(EventKind::Log {
                             job: job.clone(),

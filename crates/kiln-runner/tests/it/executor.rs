@@ -822,7 +822,7 @@ jobs:
   a:
     runs-on: ubuntu-latest
     steps:
-      - uses: actions/setup-node@v4
+      - uses: docker://alpine:3
 "#,
         )
         .await;
@@ -830,7 +830,7 @@ jobs:
     assert!(err.is_user_error());
     let text = err.to_string();
     assert!(text.contains("test.yml:7:"), "{text}");
-    assert!(text.contains("actions/setup-node@v4"), "{text}");
+    assert!(text.contains("docker://alpine:3"), "{text}");
     assert_eq!(h.allocations(), 0);
 }
 

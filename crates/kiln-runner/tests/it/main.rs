@@ -1,5 +1,6 @@
 //! Integration tests of kiln-runner.
 
+mod actions;
 mod commands;
 mod executor;
 mod qemu;

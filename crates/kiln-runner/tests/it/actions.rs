@@ -1,0 +1,575 @@
+//! Actions for real: local composite and JavaScript actions from `tests/fixtures/actions`,
+//! remote actions resolved with git from a local bare repository served by a `file://` URL
+//! (no network), the action cache offline, overrides, native checkout, and the up-front
+//! refusals. Steps run on the local backend (the host's `node`); `vm_*` runs a JavaScript
+//! action with pre/post and a composite action in a real QEMU guest with the image's node.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use kiln_runner::event::{Conclusion, EventKind, EventSink, RunEvent};
+use kiln_runner::executor::actions::ActionConfig;
+use kiln_runner::executor::{
+    ExecError, GitInfo, Isolation, RunContext, RunOptions, RunReport, WorkflowExecutor,
+};
+use kiln_runner::session::{OnLimit, SessionConfig, SessionManager};
+use kiln_vm::local::LocalProvider;
+use kiln_vm::{VmProvider, VmSpec};
+use tokio_util::sync::CancellationToken;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/actions")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+fn git(dir: &Path, args: &[&str]) {
+    let status = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "kiln")
+        .env("GIT_AUTHOR_EMAIL", "kiln@example.invalid")
+        .env("GIT_COMMITTER_NAME", "kiln")
+        .env("GIT_COMMITTER_EMAIL", "kiln@example.invalid")
+        .status()
+        .expect("git runs");
+    assert!(status.success(), "git {args:?} in {}", dir.display());
+}
+
+/// A bare repository `<base>/<owner>/<repo>.git` holding `tests/fixtures/actions/remote/<name>`
+/// at tag `v1` (and branch `main`).
+fn bare_repo(base: &Path, owner: &str, repo: &str, fixture: &str) {
+    let work = tempfile::tempdir().expect("tempdir");
+    copy_dir(&fixtures().join("remote").join(fixture), work.path());
+    git(work.path(), &["init", "--quiet", "--initial-branch=main"]);
+    git(work.path(), &["add", "."]);
+    git(work.path(), &["commit", "--quiet", "-m", "action"]);
+    git(work.path(), &["tag", "v1"]);
+    let target = base.join(owner).join(format!("{repo}.git"));
+    std::fs::create_dir_all(target.parent().expect("parent")).expect("mkdir");
+    let status = Command::new("git")
+        .args(["clone", "--quiet", "--bare"])
+        .arg(work.path())
+        .arg(&target)
+        .status()
+        .expect("git clone");
+    assert!(status.success());
+}
+
+struct Harness {
+    _runtime: tempfile::TempDir,
+    workspace: tempfile::TempDir,
+    cache: tempfile::TempDir,
+    remotes: tempfile::TempDir,
+    provider: Arc<LocalProvider>,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let runtime = tempfile::tempdir().expect("tempdir");
+        let workspace = tempfile::tempdir().expect("tempdir");
+        copy_dir(&fixtures().join("workspace"), workspace.path());
+        std::fs::write(workspace.path().join("README"), "the repository\n").expect("write");
+        let provider = Arc::new(LocalProvider::new(runtime.path().to_path_buf()));
+        Harness {
+            _runtime: runtime,
+            workspace,
+            cache: tempfile::tempdir().expect("tempdir"),
+            remotes: tempfile::tempdir().expect("tempdir"),
+            provider,
+        }
+    }
+
+    fn config(&self) -> ActionConfig {
+        ActionConfig {
+            base_url: format!("file://{}", self.remotes.path().display()),
+            cache_dir: self.cache.path().to_path_buf(),
+            offline: false,
+            overrides: Vec::new(),
+        }
+    }
+
+    async fn run(&self, yaml: &str, config: ActionConfig) -> Outcome {
+        run_with(self.provider.clone(), self.workspace.path(), yaml, config).await
+    }
+}
+
+struct Outcome {
+    result: Result<RunReport, ExecError>,
+    events: Vec<RunEvent>,
+    allocations: usize,
+}
+
+impl Outcome {
+    fn report(&self) -> &RunReport {
+        match &self.result {
+            Ok(r) => r,
+            Err(e) => panic!("the run failed to start: {e}"),
+        }
+    }
+
+    fn logs(&self) -> Vec<String> {
+        self.events
+            .iter()
+            .filter_map(|e| match &e.kind {
+                EventKind::Log { line, .. } => Some(line.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn has(&self, line: &str) -> bool {
+        self.logs().iter().any(|l| l == line)
+    }
+
+    fn position(&self, needle: &str) -> usize {
+        self.logs()
+            .iter()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no log line contains {needle:?}: {:#?}", self.logs()))
+    }
+
+    fn step_names(&self) -> Vec<(String, Conclusion)> {
+        self.report().jobs[0]
+            .steps
+            .iter()
+            .map(|s| (s.name.clone(), s.conclusion))
+            .collect()
+    }
+}
+
+async fn run_with(
+    provider: Arc<dyn VmProvider>,
+    workspace: &Path,
+    yaml: &str,
+    config: ActionConfig,
+) -> Outcome {
+    let sessions = SessionManager::new(
+        provider,
+        SessionConfig {
+            max_sessions: 2,
+            on_limit: OnLimit::Wait,
+            ..SessionConfig::default()
+        },
+    );
+    let executor = WorkflowExecutor::new(sessions).with_actions(config);
+    let workflow =
+        kiln_workflow::parse_workflow(".github/workflows/ci.yml", yaml).expect("valid workflow");
+    let git = GitInfo::discover(workspace);
+    let options = RunOptions {
+        run_id: format!("run-{}", uuid::Uuid::new_v4().simple()),
+        isolation: Isolation::Workflow,
+        spec: VmSpec::default(),
+        context: RunContext::new("push", Some(workspace.to_path_buf()), git),
+        only_jobs: Vec::new(),
+        matrix_filter: Vec::new(),
+    };
+    let (sink, mut rx) = EventSink::channel(options.run_id.clone());
+    let result = executor
+        .execute(&workflow, &options, &sink, &CancellationToken::new())
+        .await;
+    drop(sink);
+    let mut events = Vec::new();
+    while let Some(e) = rx.recv().await {
+        events.push(e);
+    }
+    let allocations = events
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::SessionAllocated { .. }))
+        .count();
+    Outcome {
+        result,
+        events,
+        allocations,
+    }
+}
+
+#[tokio::test]
+async fn composite_action_with_nested_composite_inputs_outputs_and_no_env_leak() {
+    let h = Harness::new();
+    let out = h
+        .run(
+            r#"
+on: push
+jobs:
+  build:
+    runs-on: ubuntu-latest
+    steps:
+      - uses: actions/checkout@v4
+      - id: greet
+        uses: ./.github/actions/greet
+        env:
+          CALLER_STEP_ENV: from-the-caller
+        with:
+          who: world
+      - run: |
+          echo "message=${{ steps.greet.outputs.message }}"
+          echo "first=${{ steps.greet.outputs.first }}"
+          echo "leak=[${COMPOSE_ONLY:-}${CALLER_STEP_ENV:-}]"
+          echo "github_env=[$FROM_COMPOSITE]"
+"#,
+            h.config(),
+        )
+        .await;
+    let report = out.report();
+    assert_eq!(report.result, Conclusion::Success, "{:#?}", out.logs());
+    // Composite steps see inputs only through `${{ inputs.* }}`, as on GitHub.
+    assert!(out.has(
+        "INPUT_WHO=[unset] CALLER_STEP_ENV=[from-the-caller] COMPOSE_ONLY=[step-env-of-the-composite]"
+    ));
+    // GITHUB_ACTION_PATH is the action's directory inside the session's workspace.
+    assert!(
+        out.logs()
+            .iter()
+            .any(|l| l.starts_with("action path: /")
+                && l.ends_with("/workspace/.github/actions/greet")),
+        "{:#?}",
+        out.logs()
+    );
+    assert!(out.has("message=HELLO, WORLD!"), "{:#?}", out.logs());
+    assert!(out.has("first=Hello, world"));
+    assert!(out.has("leak=[]"));
+    assert!(out.has("github_env=[yes]"));
+    assert!(!out.logs().iter().any(|l| l.contains("never-runs")));
+    assert_eq!(out.allocations, 1);
+}
+
+#[tokio::test]
+async fn failing_composite_fails_its_step_and_runs_its_failure_steps() {
+    let h = Harness::new();
+    let out = h
+        .run(
+            r#"
+on: push
+jobs:
+  build:
+    runs-on: ubuntu-latest
+    steps:
+      - id: f
+        uses: ./.github/actions/fail
+      - run: echo not-after-a-failure
+      - if: failure()
+        run: echo "outcome=${{ steps.f.outcome }} conclusion=${{ steps.f.conclusion }}"
+"#,
+            h.config(),
+        )
+        .await;
+    let report = out.report();
+    assert_eq!(report.result, Conclusion::Failure);
+    let steps = &report.jobs[0].steps;
+    assert_eq!(steps[0].conclusion, Conclusion::Failure);
+    assert_eq!(steps[0].exit_code, Some(3));
+    assert_eq!(
+        steps[0].error.as_deref(),
+        Some("Process completed with exit code 3.")
+    );
+    assert_eq!(steps[1].conclusion, Conclusion::Skipped);
+    assert_eq!(steps[2].conclusion, Conclusion::Success);
+    assert!(out.has("before-failure"));
+    assert!(out.has("composite-cleanup-ran"));
+    assert!(!out.logs().iter().any(|l| l.contains("after-failure-must")));
+    assert!(out.has("outcome=failure conclusion=failure"));
+}
+
+#[tokio::test]
+async fn input_defaults_required_and_input_env_names() {
+    let h = Harness::new();
+    let out = h
+        .run(
+            r#"
+on: push
+jobs:
+  build:
+    runs-on: ubuntu-latest
+    steps:
+      - uses: ./.github/actions/inputs
+        with:
+          my-input: given
+          extra: surplus
+"#,
+            h.config(),
+        )
+        .await;
+    let report = out.report();
+    assert_eq!(report.result, Conclusion::Success, "{:#?}", out.logs());
+    // GitHub's INPUT_ names: upper case, spaces to `_`, `-` kept; defaults evaluated;
+    // a missing required input is empty (the action's toolkit enforces `required`).
+    for line in [
+        "INPUT_DEFAULTED=[push-default]",
+        "INPUT_EXTRA=[surplus]",
+        "INPUT_MY-INPUT=[given]",
+        "INPUT_REQUIRED-MISSING=[]",
+        "INPUT_WITH_SPACE=[spaced]",
+    ] {
+        assert!(out.has(line), "{line} missing: {:#?}", out.logs());
+    }
+    assert!(out.has(
+        "Warning: Unexpected input(s) 'extra', valid inputs are ['my-input', 'with space', \
+         'defaulted', 'required-missing']"
+    ));
+    // `pre` is not run for a local action (GitHub warns the same way); `post` is.
+    assert!(out.has(
+        "Warning: `pre` execution is not supported for local action from './.github/actions/inputs'"
+    ));
+    assert!(out.has("local post ran with INPUT_MY-INPUT=given"));
+    assert_eq!(
+        out.step_names(),
+        vec![
+            (
+                "Run ./.github/actions/inputs".to_owned(),
+                Conclusion::Success
+            ),
+            (
+                "Post Run ./.github/actions/inputs".to_owned(),
+                Conclusion::Success
+            ),
+        ]
+    );
+}
+
+const REMOTE_JS: &str = r#"
+on: push
+jobs:
+  build:
+    runs-on: ubuntu-latest
+    steps:
+      - run: echo first-step
+      - id: js
+        uses: acme/js-action@v1
+        with:
+          name: world
+      - uses: acme/js-action@v1
+        with:
+          name: second
+      - run: |
+          echo "greeting=${{ steps.js.outputs.greeting }} env=$JS_ACTION_RAN"
+          case ":$PATH:" in *:"$RUNNER_TEMP/js-action-bin":*) echo path-added ;; esac
+      - run: exit 1
+"#;
+
+#[tokio::test]
+async fn remote_javascript_action_pre_main_post_state_outputs_after_failure() {
+    let h = Harness::new();
+    bare_repo(h.remotes.path(), "acme", "js-action", "js-action");
+    let out = h.run(REMOTE_JS, h.config()).await;
+    let report = out.report();
+    assert_eq!(report.result, Conclusion::Failure);
+    let names: Vec<String> = out.step_names().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        names,
+        [
+            "Pre Run acme/js-action@v1",
+            "Pre Run acme/js-action@v1",
+            "Run echo first-step",
+            "Run acme/js-action@v1",
+            "Run acme/js-action@v1",
+            "Run echo \"greeting=${{ steps.js.outputs.greeting }} env=$JS_ACTION_RAN\"",
+            "Run exit 1",
+            "Post Run acme/js-action@v1",
+            "Post Run acme/js-action@v1",
+        ]
+    );
+    // pre before the first step; state from pre and main reaches main and post; posts run
+    // in reverse order after the failure.
+    assert!(out.position("pre ran for world") < out.position("pre ran for second"));
+    assert!(out.position("pre ran for second") < out.position("first-step"));
+    assert!(out.has("main for world sees STATE_from_pre=pre-of-world"));
+    assert!(out.has("greeting=hello world env=second"));
+    assert!(out.has("path-added"));
+    let post_second = out.position(
+        "post for second sees STATE_from_pre=pre-of-second STATE_from_main=main-of-second",
+    );
+    let post_world = out
+        .position("post for world sees STATE_from_pre=pre-of-world STATE_from_main=main-of-world");
+    assert!(post_second < post_world);
+    for var in [
+        "RUNNER_TEMP",
+        "RUNNER_TOOL_CACHE",
+        "GITHUB_ACTION_PATH",
+        "GITHUB_ACTION_REPOSITORY",
+        "GITHUB_ACTION_REF",
+        "GITHUB_WORKSPACE",
+    ] {
+        assert!(out.has(&format!("{var} set=true")), "{var}");
+    }
+    assert!(out.has("repository=acme/js-action@v1"));
+    assert!(out.has("action path has action.yml=true"));
+    assert!(
+        report.jobs[0]
+            .summary
+            .contains("### js-action ran for world")
+    );
+}
+
+#[tokio::test]
+async fn remote_actions_come_from_the_cache_offline_and_misses_are_clear() {
+    let h = Harness::new();
+    bare_repo(h.remotes.path(), "acme", "js-action", "js-action");
+    // Online: fetched into the cache, keyed by commit, with the ref recorded.
+    let online = h.run(REMOTE_JS, h.config()).await;
+    assert_eq!(online.report().result, Conclusion::Failure);
+    let repo_dir = h.cache.path().join("acme/js-action");
+    let commit = std::fs::read_to_string(repo_dir.join("refs/v1")).expect("ref recorded");
+    assert!(repo_dir.join(commit.trim()).join("action.yml").is_file());
+
+    // Offline, with the remote gone: the cache alone runs it, step for step the same.
+    std::fs::remove_dir_all(h.remotes.path().join("acme")).expect("remove remote");
+    let offline = ActionConfig {
+        offline: true,
+        base_url: "file:///nonexistent".into(),
+        ..h.config()
+    };
+    let out = h.run(REMOTE_JS, offline.clone()).await;
+    assert_eq!(out.step_names(), online.step_names());
+    assert!(out.has("main for world sees STATE_from_pre=pre-of-world"));
+
+    // Offline miss: before any VM, naming the step, the action and what was looked at.
+    let miss = h
+        .run(
+            &REMOTE_JS.replace("acme/js-action@v1", "acme/js-action@v2"),
+            offline,
+        )
+        .await;
+    let err = miss
+        .result
+        .as_ref()
+        .expect_err("a miss is an error")
+        .to_string();
+    assert_eq!(miss.allocations, 0);
+    assert!(err.contains(".github/workflows/ci.yml:9:15"), "{err}");
+    assert!(
+        err.contains("step `Run acme/js-action@v2` of job `build`"),
+        "{err}"
+    );
+    assert!(err.contains("acme/js-action@v2"), "{err}");
+    assert!(err.contains("refs/v2"), "{err}");
+    assert!(err.contains("offline"), "{err}");
+
+    // Online with a ref that does not exist: git's answer and the URL tried.
+    let missing = h
+        .run(
+            &REMOTE_JS.replace("acme/js-action@v1", "acme/nothing@v1"),
+            h.config(),
+        )
+        .await;
+    let err = missing
+        .result
+        .as_ref()
+        .expect_err("missing repo")
+        .to_string();
+    assert_eq!(missing.allocations, 0);
+    assert!(err.contains("acme/nothing@v1"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "file://{}/acme/nothing",
+            h.remotes.path().display()
+        )),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn local_action_override_replaces_the_remote() {
+    let h = Harness::new();
+    let config = ActionConfig {
+        offline: true,
+        overrides: vec![
+            ActionConfig::parse_override(&format!(
+                "acme/js-action@v1={}",
+                fixtures().join("remote/js-action").display()
+            ))
+            .expect("override"),
+        ],
+        ..h.config()
+    };
+    let out = h.run(REMOTE_JS, config).await;
+    assert!(out.has("main for world sees STATE_from_pre=pre-of-world"));
+    assert!(out.has("repository=acme/js-action@v1"));
+}
+
+#[tokio::test]
+async fn docker_actions_are_refused_before_any_vm() {
+    let h = Harness::new();
+    let out = h
+        .run(
+            r#"
+on: push
+jobs:
+  build:
+    runs-on: ubuntu-latest
+    steps:
+      - uses: docker://alpine:3
+      - name: local docker
+        uses: ./.github/actions/docker
+"#,
+            h.config(),
+        )
+        .await;
+    assert_eq!(out.allocations, 0);
+    let err = out.result.as_ref().expect_err("refused");
+    assert!(err.is_user_error());
+    let text = err.to_string();
+    assert!(text.contains(".github/workflows/ci.yml:7:15: step `Run docker://alpine:3` of job `build`: `docker://alpine:3`: Docker actions are not supported yet"), "{text}");
+    assert!(
+        text.contains("step `local docker` of job `build`"),
+        "{text}"
+    );
+    assert!(
+        text.contains(".github/actions/docker/action.yml:3:10: `using: docker`"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn checkout_copies_the_workspace_to_path_and_cleans() {
+    let h = Harness::new();
+    let out = h
+        .run(
+            r#"
+on: push
+jobs:
+  build:
+    runs-on: ubuntu-latest
+    steps:
+      - uses: actions/checkout@v4
+      - run: echo junk > junk.txt
+      - uses: actions/checkout@v4
+        with:
+          clean: false
+      - run: test -f junk.txt && echo junk-kept
+      - uses: actions/checkout@v4
+      - run: test ! -e junk.txt && test -f README && echo junk-cleaned
+      - uses: actions/checkout@v4
+        id: sub
+        with:
+          path: sub/dir
+      - run: |
+          test -f sub/dir/README && test -f sub/dir/.github/actions/greet/action.yml && echo copied-to-path
+          echo "commit=${{ steps.sub.outputs.commit }}"
+"#,
+            h.config(),
+        )
+        .await;
+    assert_eq!(
+        out.report().result,
+        Conclusion::Success,
+        "{:#?}",
+        out.logs()
+    );
+    assert!(out.has("junk-kept"));
+    assert!(out.has("junk-cleaned"));
+    assert!(out.has("copied-to-path"));
+}
