@@ -403,7 +403,7 @@ impl QemuProvider {
                 .await
                 .map_err(|e| format!("QMP: {e}"))?;
             wait_for_socket(&agent_path).await;
-            let stream = UnixStream::connect(&agent_path)
+            let stream = connect_unix(&agent_path)
                 .await
                 .map_err(|e| format!("connecting to the agent socket: {e}"))?;
             let (reader, writer) = stream.into_split();
@@ -487,6 +487,25 @@ fn qemu_identity(binary: &Path) -> String {
 async fn wait_for_socket(path: &Path) {
     while !path.exists() {
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Connects to a socket QEMU serves. QEMU creates the socket file (bind) a moment before it
+/// listens, so a connection refused right after the file appears is retried; the caller's
+/// deadline bounds the wait.
+pub(crate) async fn connect_unix(path: &Path) -> std::io::Result<UnixStream> {
+    loop {
+        match UnixStream::connect(path).await {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) =>
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            other => return other,
+        }
     }
 }
 

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
 /// Longest QMP line accepted; QEMU's replies to our few commands are far shorter.
@@ -59,7 +58,7 @@ impl Qmp {
     /// Connects, reads the greeting and negotiates capabilities.
     pub async fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
         tokio::time::timeout(timeout, async {
-            let stream = UnixStream::connect(path).await?;
+            let stream = super::connect_unix(path).await?;
             let (read, writer) = stream.into_split();
             let mut qmp = Qmp {
                 reader: BufReader::new(read),
