@@ -228,6 +228,37 @@ where
             Message::Error { id, message } => {
                 log!("the host reported an error ({id:?}): {message}")
             }
+            // A VM restored from a snapshot wakes up inside the connection that was open when
+            // it was saved, but its host is a new one: that host greets again, and the guest
+            // takes the new identity (hostname, clock) before anything else runs.
+            Message::Hello {
+                version,
+                clock,
+                hostname,
+            } => {
+                if version != PROTOCOL_VERSION {
+                    let err = ProtoError::VersionMismatch {
+                        host: version,
+                        agent: PROTOCOL_VERSION,
+                    };
+                    agent
+                        .send(Message::Error {
+                            id: None,
+                            message: err.to_string(),
+                        })
+                        .await;
+                    continue;
+                }
+                if pid1 {
+                    apply_system_settings(clock, hostname.as_deref());
+                }
+                agent
+                    .send(Message::HelloAck {
+                        version: PROTOCOL_VERSION,
+                        info: ack_info(pid1),
+                    })
+                    .await;
+            }
             other => {
                 let id = other.id();
                 agent
@@ -306,19 +337,23 @@ where
     if pid1 {
         apply_system_settings(clock, hostname.as_deref());
     }
-    let info = HelloAckInfo {
+    writer
+        .send(&Message::HelloAck {
+            version: PROTOCOL_VERSION,
+            info: ack_info(pid1),
+        })
+        .await?;
+    Ok(true)
+}
+
+/// What the agent says about itself in a `HelloAck`.
+fn ack_info(pid1: bool) -> HelloAckInfo {
+    HelloAckInfo {
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         kernel: system::kernel_release(),
         pid1,
         pid: std::process::id(),
-    };
-    writer
-        .send(&Message::HelloAck {
-            version: PROTOCOL_VERSION,
-            info,
-        })
-        .await?;
-    Ok(true)
+    }
 }
 
 fn apply_system_settings(clock: Option<Clock>, hostname: Option<&str>) {

@@ -243,3 +243,26 @@ async fn the_client_survives_a_hostile_agent() {
     assert!(client.ping().await.is_err());
     fake_agent.abort();
 }
+
+/// A VM restored from a snapshot is inside the connection that was open when it was saved; its
+/// new host greets again, and the agent must answer as to a first hello, then keep serving.
+#[tokio::test]
+async fn a_second_hello_in_a_connection_is_answered_like_the_first() {
+    let (_child, mut reader, mut stdin) = raw_agent();
+    let first = hello(&mut stdin, &mut reader, PROTOCOL_VERSION).await;
+    assert!(matches!(first, Message::HelloAck { .. }), "{first:?}");
+    let again = hello(&mut stdin, &mut reader, PROTOCOL_VERSION).await;
+    let Message::HelloAck { version, info } = again else {
+        panic!("expected a HelloAck, got {again:?}");
+    };
+    assert_eq!(version, PROTOCOL_VERSION);
+    assert!(!info.pid1);
+    let wrong = hello(&mut stdin, &mut reader, PROTOCOL_VERSION + 1).await;
+    assert!(matches!(wrong, Message::Error { id: None, .. }), "{wrong:?}");
+    FrameWriter::new(&mut stdin)
+        .send(&Message::Ping { id: 7 })
+        .await
+        .expect("sends");
+    let pong = next(&mut reader).await;
+    assert!(matches!(pong, Message::Pong { id: 7 }), "{pong:?}");
+}
