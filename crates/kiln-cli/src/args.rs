@@ -53,8 +53,8 @@ pub enum Command {
         /// Run id.
         run: String,
     },
-    /// Serve webhooks, the API and the web UI (not yet supported).
-    Serve,
+    /// Serve webhooks, the REST API, the web UI and /metrics.
+    Serve(ServeArgs),
     /// Take runs from a shared queue (not yet supported).
     Worker,
 }
@@ -165,6 +165,33 @@ pub struct RunArgs {
     /// Write one JSON event per line to stdout.
     #[arg(long)]
     pub json: bool,
+    /// The action cache (default: `<data dir>/actions`).
+    #[arg(long, env = "KILN_ACTION_CACHE", value_name = "DIR")]
+    pub action_cache: Option<PathBuf>,
+    /// Use only the action cache and --local-action; never fetch.
+    #[arg(long, env = "KILN_OFFLINE")]
+    pub offline: bool,
+    /// Use a host directory for a remote action or reusable workflow's repository.
+    #[arg(long = "local-action", value_name = "OWNER/REPO@REF=PATH")]
+    pub local_actions: Vec<String>,
+    /// Where remote actions are fetched from (`<URL>/<owner>/<repo>`).
+    #[arg(
+        long,
+        env = "KILN_ACTIONS_URL",
+        value_name = "URL",
+        default_value = "https://github.com"
+    )]
+    pub actions_url: String,
+}
+
+/// `kiln serve`. Secrets come from the environment (`KILN_GITHUB_WEBHOOK_SECRET`,
+/// `KILN_GITEA_WEBHOOK_SECRET`, `KILN_GITHUB_TOKEN`, `KILN_GITEA_TOKEN`, `KILN_API_TOKEN`, each
+/// also as `<NAME>_FILE`), never from flags.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (default: [server] listen, else 127.0.0.1:8080).
+    #[arg(long, env = "KILN_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
 }
 
 /// `kiln list`.

@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 use indexmap::IndexMap;
 use kiln_runner::event::{Conclusion, EventSink, RunEvent};
+use kiln_runner::executor::actions::ActionConfig;
 use kiln_runner::executor::{ExecError, GitInfo, RunContext, RunOptions, WorkflowExecutor};
 use kiln_runner::session::{SessionConfig, SessionManager};
 use kiln_runner::workspace;
@@ -111,7 +112,21 @@ pub async fn run(file: &FileConfig, args: RunArgs) -> Result<u8, Exit> {
             ..SessionConfig::default()
         },
     );
-    let executor = WorkflowExecutor::new(sessions.clone());
+    let mut action_config = ActionConfig {
+        base_url: args.actions_url.clone(),
+        cache_dir: args
+            .action_cache
+            .clone()
+            .unwrap_or_else(|| dirs.data.join("actions")),
+        offline: args.offline,
+        overrides: Vec::new(),
+    };
+    for spec in &args.local_actions {
+        action_config.overrides.push(
+            ActionConfig::parse_override(spec).map_err(|e| usage(anyhow!("--local-action {e}")))?,
+        );
+    }
+    let executor = WorkflowExecutor::new(sessions.clone()).with_actions(action_config);
     let cancel = CancellationToken::new();
     let abort = CancellationToken::new();
     let interrupts = tokio::spawn(watch_interrupts(cancel.clone(), abort.clone()));

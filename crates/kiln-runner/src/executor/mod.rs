@@ -22,6 +22,7 @@ pub mod commands;
 mod context;
 mod git;
 mod hash;
+mod reusable;
 mod shell;
 
 use std::collections::HashMap;
@@ -442,10 +443,10 @@ impl WorkflowExecutor {
                 if !selected(job_id, &state.options.only_jobs) {
                     continue;
                 }
-                let legs = self
-                    .run_job(state, job_id, job, &needs, Some(&prepared))
+                let (legs, need) = self
+                    .run_any(state, job_id, job, &needs, Some(&prepared), 0)
                     .await?;
-                needs.insert(job_id.clone(), NeedResult::from_legs(&legs));
+                needs.insert(job_id.clone(), need);
                 reports.extend(legs);
             }
         }
@@ -470,11 +471,11 @@ impl WorkflowExecutor {
             // bounds how many VMs exist at once.
             let runs = jobs
                 .iter()
-                .map(|(id, job)| self.run_job(state, id, job, &needs, None));
+                .map(|(id, job)| self.run_any(state, id, job, &needs, None, 0));
             let results = futures_join_all(runs).await;
             for ((id, _), result) in jobs.iter().zip(results) {
-                let legs = result?;
-                needs.insert((*id).clone(), NeedResult::from_legs(&legs));
+                let (legs, need) = result?;
+                needs.insert((*id).clone(), need);
                 reports.extend(legs);
             }
         }
@@ -1396,9 +1397,12 @@ fn check_supported(workflow: &Workflow, only_jobs: &[String]) -> Result<(), Exec
         if !selected(id, only_jobs) {
             continue;
         }
-        if let Some(uses) = &job.uses {
+        if let Some(uses) = &job.uses
+            && job.strategy.as_ref().is_some_and(|s| s.matrix.is_some())
+        {
             problems.push(format!(
-                "{}: job `{id}` calls the reusable workflow `{}`, which kiln does not run yet",
+                "{}: job `{id}` calls the reusable workflow `{}` with a matrix, which kiln does \
+                 not run yet",
                 uses.span, uses.value
             ));
         }

@@ -103,7 +103,25 @@ impl Harness {
     }
 
     async fn run(&self, yaml: &str, config: ActionConfig) -> Outcome {
-        run_with(self.provider.clone(), self.workspace.path(), yaml, config).await
+        run_with(
+            self.provider.clone(),
+            self.workspace.path(),
+            yaml,
+            config,
+            &[],
+        )
+        .await
+    }
+
+    async fn run_secrets(&self, yaml: &str, secrets: &[(&str, &str)]) -> Outcome {
+        run_with(
+            self.provider.clone(),
+            self.workspace.path(),
+            yaml,
+            self.config(),
+            secrets,
+        )
+        .await
     }
 }
 
@@ -156,6 +174,7 @@ async fn run_with(
     workspace: &Path,
     yaml: &str,
     config: ActionConfig,
+    secrets: &[(&str, &str)],
 ) -> Outcome {
     let sessions = SessionManager::new(
         provider,
@@ -173,7 +192,13 @@ async fn run_with(
         run_id: format!("run-{}", uuid::Uuid::new_v4().simple()),
         isolation: Isolation::Workflow,
         spec: VmSpec::default(),
-        context: RunContext::new("push", Some(workspace.to_path_buf()), git),
+        context: RunContext {
+            secrets: secrets
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..RunContext::new("push", Some(workspace.to_path_buf()), git)
+        },
         only_jobs: Vec::new(),
         matrix_filter: Vec::new(),
     };
@@ -572,4 +597,77 @@ jobs:
     assert!(out.has("junk-kept"));
     assert!(out.has("junk-cleaned"));
     assert!(out.has("copied-to-path"));
+}
+
+#[tokio::test]
+async fn reusable_workflow_with_inputs_secrets_outputs_nested_in_one_session() {
+    let h = Harness::new();
+    let out = h
+        .run_secrets(
+            r#"
+on: push
+jobs:
+  call:
+    uses: ./.github/workflows/reusable.yml
+    with:
+      who: mapped
+      loud: true
+    secrets:
+      token: ${{ secrets.MY_TOKEN }}
+  inherit:
+    uses: ./.github/workflows/reusable.yml
+    with:
+      who: inherited
+    secrets: inherit
+  missing:
+    uses: ./.github/workflows/reusable.yml
+    secrets: inherit
+  after:
+    needs: [call, inherit]
+    runs-on: ubuntu-latest
+    steps:
+      - run: |
+          echo "got=${{ needs.call.outputs.greeting }} / ${{ needs.inherit.outputs.greeting }}"
+          test -f from-called-mapped && test -f from-called-inherited && echo same-workspace
+"#,
+            &[
+                ("MY_TOKEN", "tok-1"),
+                ("token", "tok-2"),
+                ("OTHER", "other-secret"),
+            ],
+        )
+        .await;
+    let report = out.report();
+    let result_of = |id: &str| {
+        report
+            .jobs
+            .iter()
+            .find(|j| j.id == id)
+            .map(|j| j.result)
+            .unwrap_or_else(|| panic!("no job {id}"))
+    };
+    assert_eq!(result_of("call"), Conclusion::Success, "{:#?}", out.logs());
+    assert_eq!(result_of("call/greet"), Conclusion::Success);
+    assert_eq!(result_of("call/nested/show"), Conclusion::Success);
+    assert_eq!(result_of("inherit"), Conclusion::Success);
+    assert_eq!(result_of("after"), Conclusion::Success);
+    // A required input not given fails the calling job, as on GitHub.
+    assert_eq!(result_of("missing"), Conclusion::Failure);
+    assert!(
+        out.logs()
+            .iter()
+            .any(|l| l.contains("Input `who` is required"))
+    );
+    // Typed inputs and defaults; mapped secrets only, or all of them with `inherit`; masked.
+    assert!(
+        out.has("mapped: token is *** other=[]"),
+        "{:#?}",
+        out.logs()
+    );
+    assert!(out.has("inherited: token is *** other=[***]"));
+    assert!(out.has("nested got hi mapped x2 loud=true"));
+    assert!(out.has("got=hi mapped x2 loud=true / hi inherited x2 loud=false"));
+    // Under workflow isolation the called jobs ran in the caller's session and workspace.
+    assert!(out.has("same-workspace"));
+    assert_eq!(out.allocations, 1);
 }

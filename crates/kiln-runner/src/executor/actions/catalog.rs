@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 
 use kiln_workflow::{Action, ActionRuns, Span, Step, StepAction, Workflow};
 
@@ -17,10 +18,15 @@ use super::{ActionRef, ActionResolver, RemoteRef, ResolvedRepo, is_checkout};
 /// GitHub's limit on composite actions nested in one another.
 pub(crate) const MAX_ACTION_DEPTH: usize = 10;
 
-/// Remote repositories resolved for one run, by `owner/repo@ref` (owner and repo lower case).
+/// GitHub's limit on reusable workflows: the caller plus nine levels of called workflows.
+pub(crate) const MAX_WORKFLOW_DEPTH: usize = 9;
+
+/// What a run may use, resolved before it starts: remote repositories by `owner/repo@ref`
+/// (owner and repo lower case), and called (reusable) workflows by their `uses:` value.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Catalog {
     repos: HashMap<String, ResolvedRepo>,
+    workflows: HashMap<String, Arc<Workflow>>,
 }
 
 impl Catalog {
@@ -30,6 +36,11 @@ impl Catalog {
 
     pub(crate) fn insert(&mut self, r: &RemoteRef, resolved: ResolvedRepo) {
         self.repos.insert(repo_key(r), resolved);
+    }
+
+    /// The workflow a job's `uses:` calls.
+    pub(crate) fn workflow(&self, uses: &str) -> Option<&Arc<Workflow>> {
+        self.workflows.get(uses.trim())
     }
 }
 
@@ -85,6 +96,38 @@ pub(crate) async fn build(
         }
         push_steps(&mut queue, &job.steps, &format!("of job `{id}`"), 1);
     }
+    // Called workflows first: their steps join the queue of actions to check.
+    let mut calls: std::collections::VecDeque<Pending> = Default::default();
+    push_calls(&mut calls, workflow, only_jobs, 1);
+    let mut called: HashSet<String> = HashSet::new();
+    while let Some(call) = calls.pop_front() {
+        if !called.insert(call.uses.clone()) {
+            continue;
+        }
+        if call.depth > MAX_WORKFLOW_DEPTH {
+            problems.push(format!(
+                "{}: {}: reusable workflows are nested more than {MAX_WORKFLOW_DEPTH} levels \
+                 below the caller (GitHub's limit)",
+                call.span, call.place
+            ));
+            continue;
+        }
+        match load_called(resolver, &mut catalog, &call, workspace).await {
+            Ok(wf) => {
+                for (id, job) in &wf.jobs {
+                    push_steps(
+                        &mut queue,
+                        &job.steps,
+                        &format!("of job `{id}` in {}", wf.file),
+                        1,
+                    );
+                }
+                push_calls(&mut calls, &wf, &[], call.depth + 1);
+                catalog.workflows.insert(call.uses.clone(), Arc::new(wf));
+            }
+            Err(message) => problems.push(format!("{}: {}: {message}", call.span, call.place)),
+        }
+    }
     let mut seen: HashSet<String> = HashSet::new();
     while let Some(item) = queue.pop_front() {
         if !seen.insert(item.uses.clone()) {
@@ -119,6 +162,66 @@ pub(crate) async fn build(
         problems.sort();
         Err(problems)
     }
+}
+
+fn push_calls(
+    calls: &mut std::collections::VecDeque<Pending>,
+    workflow: &Workflow,
+    only_jobs: &[String],
+    depth: usize,
+) {
+    for (id, job) in &workflow.jobs {
+        if !only_jobs.is_empty() && !only_jobs.iter().any(|j| j == id) {
+            continue;
+        }
+        if let Some(uses) = &job.uses {
+            calls.push_back(Pending {
+                uses: uses.value.trim().to_owned(),
+                span: uses.span.clone(),
+                place: format!("job `{id}` of {}", workflow.file),
+                depth,
+            });
+        }
+    }
+}
+
+/// Reads and parses the workflow a job calls; it must be callable (`on: workflow_call`).
+async fn load_called(
+    resolver: &ActionResolver,
+    catalog: &mut Catalog,
+    call: &Pending,
+    workspace: Option<&Path>,
+) -> Result<Workflow, String> {
+    let (file, label) = match ActionRef::parse(&call.uses)? {
+        ActionRef::Local { path } => {
+            let Some(ws) = workspace else {
+                return Err(format!(
+                    "`{}` is read from the workspace, and this run has none",
+                    call.uses
+                ));
+            };
+            (ws.join(&path), path)
+        }
+        ActionRef::Remote(remote) => {
+            let resolved = resolve_blocking(resolver, &remote).await?;
+            let file = resolved.root.join(&remote.path);
+            catalog.insert(&remote, resolved);
+            (file, remote.to_string())
+        }
+        ActionRef::Docker { .. } => {
+            return Err(format!("`{}` is not a workflow", call.uses));
+        }
+    };
+    let text = std::fs::read_to_string(&file)
+        .map_err(|e| format!("Cannot read the called workflow {}: {e}", file.display()))?;
+    let wf = kiln_workflow::parse_workflow(&label, &text).map_err(|e| e.to_string())?;
+    if !wf.on.events.contains_key("workflow_call") {
+        return Err(format!(
+            "`{}` is not a reusable workflow: it has no `on: workflow_call`",
+            call.uses
+        ));
+    }
+    Ok(wf)
 }
 
 fn push_steps(
