@@ -271,6 +271,20 @@ impl QemuProvider {
             .to_string_lossy()
             .into_owned();
         let qemu = qemu_identity(&self.config.binary);
+        // An unusable /dev/kvm is checked afresh each time (permissions may be fixed later);
+        // only what a probe boot found is cached.
+        if let Err(e) = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+        {
+            return Ok(AccelVerdict {
+                host_kernel,
+                qemu,
+                kvm: false,
+                reason: format!("/dev/kvm is not usable ({e})"),
+            });
+        }
         let cache = self.config.data_dir.join("qemu-accel.json");
         if let Ok(text) = tokio::fs::read(&cache).await
             && let Ok(verdict) = serde_json::from_slice::<AccelVerdict>(&text)
@@ -279,35 +293,26 @@ impl QemuProvider {
         {
             return Ok(verdict);
         }
-        let (kvm, reason) = match std::fs::File::options()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-        {
-            Err(e) => (false, format!("/dev/kvm is not usable ({e})")),
-            Ok(_) => {
-                let probe = VmSpec {
-                    memory_mib: spec.memory_mib.min(1024),
-                    vcpus: 1,
-                    ..spec.clone()
-                };
-                match self.boot(&probe, Accel::Kvm, KVM_PROBE_TIMEOUT).await {
-                    Ok(vm) => {
-                        let _ = vm.release().await;
-                        (true, "a KVM probe boot reached the guest agent".to_owned())
-                    }
-                    Err(e @ VmError::Unavailable { .. }) => return Err(e),
-                    Err(e) => {
-                        let first = e.to_string();
-                        let first = first.lines().next().unwrap_or("").to_owned();
-                        (
-                            false,
-                            format!(
-                                "/dev/kvm exists but a KVM probe boot did not reach the agent ({first})"
-                            ),
-                        )
-                    }
-                }
+        let probe = VmSpec {
+            memory_mib: spec.memory_mib.min(1024),
+            vcpus: 1,
+            ..spec.clone()
+        };
+        let (kvm, reason) = match self.boot(&probe, Accel::Kvm, KVM_PROBE_TIMEOUT).await {
+            Ok(vm) => {
+                let _ = vm.release().await;
+                (true, "a KVM probe boot reached the guest agent".to_owned())
+            }
+            Err(e @ VmError::Unavailable { .. }) => return Err(e),
+            Err(e) => {
+                let first = e.to_string();
+                let first = first.lines().next().unwrap_or("").to_owned();
+                (
+                    false,
+                    format!(
+                        "/dev/kvm exists but a KVM probe boot did not reach the agent ({first})"
+                    ),
+                )
             }
         };
         let verdict = AccelVerdict {
