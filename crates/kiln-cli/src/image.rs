@@ -110,7 +110,8 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| Exit::new(exit::INFRA, e))
 }
 
-/// `--agent`/`KILN_AGENT`, else `kiln-agent` next to this executable.
+/// `--agent` (or `KILN_AGENT`, which clap already folds in), else what
+/// [`image::find_agent`] finds: `kiln-agent` next to this executable, then on `PATH`.
 fn find_agent(explicit: Option<PathBuf>) -> Result<PathBuf, Exit> {
     if let Some(path) = explicit {
         return if path.is_file() {
@@ -119,14 +120,11 @@ fn find_agent(explicit: Option<PathBuf>) -> Result<PathBuf, Exit> {
             Err(usage(anyhow!("--agent {}: no such file", path.display())))
         };
     }
-    let beside = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|d| d.join("kiln-agent")));
-    match beside {
-        Some(path) if path.is_file() => Ok(path),
-        _ => Err(usage(anyhow!(
-            "No kiln-agent binary next to kiln: build it with \
-             `cargo build --release -p kiln-agent` or pass --agent FILE"
-        ))),
-    }
+    image::find_agent().ok_or_else(|| {
+        usage(anyhow!(
+            "No kiln-agent binary next to kiln or on PATH: build it with \
+             `RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p kiln-agent \
+             --target x86_64-unknown-linux-gnu` and pass --agent FILE"
+        ))
+    })
 }
