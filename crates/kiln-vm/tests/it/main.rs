@@ -1,8 +1,10 @@
 //! Integration tests of kiln-vm against real tools: the image pipeline (mmdebstrap, mke2fs,
 //! Debian's kernel) and the QEMU backend booting real VMs (under TCG on hosts without working
-//! KVM). See `support` for the environment switches.
+//! KVM). The shared fixtures (the cached image, the static agent, the environment switches)
+//! are in the `kiln-test-support` crate.
 
 mod bench;
 mod image_build;
 mod qemu_vm;
-mod support;
+
+use kiln_test_support as support;
