@@ -109,6 +109,7 @@ impl Harness {
             yaml,
             config,
             &[],
+            VmSpec::default(),
         )
         .await
     }
@@ -120,6 +121,7 @@ impl Harness {
             yaml,
             self.config(),
             secrets,
+            VmSpec::default(),
         )
         .await
     }
@@ -175,6 +177,7 @@ async fn run_with(
     yaml: &str,
     config: ActionConfig,
     secrets: &[(&str, &str)],
+    spec: VmSpec,
 ) -> Outcome {
     let sessions = SessionManager::new(
         provider,
@@ -191,7 +194,7 @@ async fn run_with(
     let options = RunOptions {
         run_id: format!("run-{}", uuid::Uuid::new_v4().simple()),
         isolation: Isolation::Workflow,
-        spec: VmSpec::default(),
+        spec,
         context: RunContext {
             secrets: secrets
                 .iter()
@@ -670,4 +673,181 @@ jobs:
     // Under workflow isolation the called jobs ran in the caller's session and workspace.
     assert!(out.has("same-workspace"));
     assert_eq!(out.allocations, 1);
+}
+
+/// One real QEMU guest (TCG here): a remote JavaScript action with pre and post (from the
+/// cache via an override, offline) and a nested composite action, run with the image's node.
+#[tokio::test]
+async fn vm_javascript_action_with_pre_post_and_composite_action_use_the_image_node() {
+    if kiln_test_support::skip_vm_tests() {
+        return;
+    }
+    let image = tokio::task::spawn_blocking(kiln_test_support::default_image)
+        .await
+        .expect("image builder");
+    let data_dir = image
+        .dir
+        .parent()
+        .and_then(Path::parent)
+        .expect("images live in <data>/images/<name>")
+        .to_path_buf();
+    let h = Harness::new();
+    let config = kiln_vm::BackendConfig::new(h._runtime.path().to_path_buf(), data_dir);
+    let selection = kiln_vm::select_backend(kiln_vm::BackendKind::Qemu, &config)
+        .await
+        .expect("the QEMU backend is usable");
+    let actions = ActionConfig {
+        offline: true,
+        overrides: vec![
+            ActionConfig::parse_override(&format!(
+                "acme/js-action@v1={}",
+                fixtures().join("remote/js-action").display()
+            ))
+            .expect("override"),
+        ],
+        ..h.config()
+    };
+    let yaml = r#"
+on: push
+jobs:
+  build:
+    runs-on: ubuntu-latest
+    steps:
+      - uses: actions/checkout@v4
+      - id: js
+        uses: acme/js-action@v1
+        with:
+          name: guest
+      - id: greet
+        uses: ./.github/actions/greet
+        with:
+          who: vm
+      - run: |
+          echo "js=${{ steps.js.outputs.greeting }} greet=${{ steps.greet.outputs.message }}"
+          node --version
+"#;
+    let out = run_with(
+        selection.provider,
+        h.workspace.path(),
+        yaml,
+        actions,
+        &[],
+        VmSpec {
+            memory_mib: 1024,
+            vcpus: 1,
+            ..VmSpec::default()
+        },
+    )
+    .await;
+    let report = out.report();
+    assert_eq!(report.result, Conclusion::Success, "{:#?}", out.logs());
+    assert_eq!(report.vm_allocations, 1);
+    assert!(out.position("pre ran for guest") < out.position("main for guest"));
+    assert!(out.has("main for guest sees STATE_from_pre=pre-of-guest"));
+    assert!(
+        out.has("js=hello guest greet=HELLO, VM!"),
+        "{:#?}",
+        out.logs()
+    );
+    assert!(
+        out.has("post for guest sees STATE_from_pre=pre-of-guest STATE_from_main=main-of-guest")
+    );
+    // The image's node runs the action; an older one than asked for is said clearly.
+    let version = out
+        .logs()
+        .into_iter()
+        .find(|l| l.starts_with('v') && l.chars().nth(1).is_some_and(|c| c.is_ascii_digit()))
+        .expect("node --version in the guest");
+    let major: u32 = version[1..]
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .expect("a node version");
+    let warned = out.logs().iter().any(|l| {
+        l == &format!(
+            "Warning: The action asks for `node20` but the guest's node is {version}; running \
+             it with that node anyway"
+        )
+    });
+    assert_eq!(warned, major < 20, "{version}: {:#?}", out.logs());
+}
+
+/// Issue 5's "done when": a project-style workflow with checkout, a setup action, a local
+/// composite action and a remote reusable workflow runs online, then the same offline from
+/// the cache alone, with the same outcome step for step.
+#[tokio::test]
+async fn project_workflow_runs_online_then_offline_from_the_cache() {
+    let h = Harness::new();
+    bare_repo(h.remotes.path(), "acme", "shared", "shared-workflows");
+    bare_repo(h.remotes.path(), "acme", "setup-tool", "setup-tool");
+    let yaml = r#"
+name: CI
+on: [push, pull_request]
+jobs:
+  lint:
+    uses: acme/shared/.github/workflows/build.yml@v1
+    with:
+      target: lint
+  test:
+    needs: lint
+    runs-on: ubuntu-latest
+    steps:
+      - uses: actions/checkout@v4
+        with:
+          fetch-depth: 0
+      - id: setup
+        uses: acme/setup-tool@v1
+        with:
+          tool-version: '1.0'
+      - run: mytool --check "${{ steps.setup.outputs.version }}"
+      - id: greet
+        uses: ./.github/actions/greet
+        with:
+          who: ${{ needs.lint.outputs.artifact }}
+      - run: echo "${{ steps.greet.outputs.message }}"
+"#;
+    let online = h.run(yaml, h.config()).await;
+    assert_eq!(
+        online.report().result,
+        Conclusion::Success,
+        "{:#?}",
+        online.logs()
+    );
+    assert!(online.has("mytool 1.0 --check 1.0"));
+    assert!(online.has("HELLO, BUILT-LINT!"));
+    // The called workflow's `./` action is the caller's repository's, as on GitHub.
+    let build = online
+        .report()
+        .jobs
+        .iter()
+        .find(|j| j.id == "lint/build")
+        .expect("the called job ran");
+    assert_eq!(build.result, Conclusion::Success);
+    assert_eq!(build.steps.len(), 3);
+
+    std::fs::remove_dir_all(h.remotes.path().join("acme")).expect("remove remotes");
+    let offline = ActionConfig {
+        offline: true,
+        ..h.config()
+    };
+    let again = h.run(yaml, offline).await;
+    assert_eq!(again.report().result, Conclusion::Success);
+    let shape = |o: &Outcome| {
+        o.report()
+            .jobs
+            .iter()
+            .map(|j| {
+                (
+                    j.id.clone(),
+                    j.result,
+                    j.steps
+                        .iter()
+                        .map(|s| (s.name.clone(), s.conclusion))
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(shape(&again), shape(&online));
+    assert!(again.has("mytool 1.0 --check 1.0"));
 }
