@@ -11,5 +11,7 @@
 
 pub mod event;
 pub mod executor;
+pub mod metrics;
+pub mod pool;
 pub mod session;
 pub mod workspace;

@@ -76,6 +76,8 @@ use tokio::runtime::Handle;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use crate::pool::{AllocationSource, PooledProvider};
+
 /// How many ended sessions [`SessionManager::sessions`] still reports.
 const ENDED_HISTORY: usize = 256;
 
@@ -308,8 +310,22 @@ impl fmt::Debug for SessionManager {
 }
 
 impl SessionManager {
-    /// A manager allocating VMs from `provider`.
+    /// A manager allocating VMs from `provider`; every allocation reports source `cold`.
     pub fn new(provider: Arc<dyn VmProvider>, config: SessionConfig) -> SessionManager {
+        SessionManager::build(provider, None, config)
+    }
+
+    /// A manager allocating VMs from pools, the ready snapshot or cold boots (see
+    /// [`crate::pool`]); [`SessionGuard::source`] says which.
+    pub fn with_pools(pooled: Arc<PooledProvider>, config: SessionConfig) -> SessionManager {
+        SessionManager::build(pooled.clone(), Some(pooled), config)
+    }
+
+    fn build(
+        provider: Arc<dyn VmProvider>,
+        pooled: Option<Arc<PooledProvider>>,
+        config: SessionConfig,
+    ) -> SessionManager {
         let mut config = config;
         let limit = config.max_sessions.clamp(1, Semaphore::MAX_PERMITS);
         if limit != config.max_sessions {
@@ -322,6 +338,7 @@ impl SessionManager {
         SessionManager {
             inner: Arc::new(Inner {
                 provider,
+                pooled,
                 limit: Arc::new(Semaphore::new(limit)),
                 config,
                 table: Mutex::new(Table::default()),
@@ -334,6 +351,11 @@ impl SessionManager {
     /// The backend sessions are allocated from.
     pub fn provider(&self) -> &Arc<dyn VmProvider> {
         &self.inner.provider
+    }
+
+    /// The pools, when the manager was made [`with_pools`](SessionManager::with_pools).
+    pub fn pooled(&self) -> Option<&Arc<PooledProvider>> {
+        self.inner.pooled.as_ref()
     }
 
     /// The settings in effect (`max_sessions` clamped to at least 1).
@@ -546,6 +568,7 @@ pub struct SessionGuard {
     vm: Option<Arc<dyn Vm>>,
     vm_id: String,
     allocation_time: Duration,
+    source: AllocationSource,
     /// The info as of allocation, for [`SessionGuard::info`] should the table lose it.
     snapshot: SessionInfo,
 }
@@ -580,6 +603,11 @@ impl SessionGuard {
     /// How long the backend took to allocate the VM.
     pub fn allocation_time(&self) -> Duration {
         self.allocation_time
+    }
+
+    /// How the VM came: from a pool, restored from a snapshot, or booted.
+    pub fn source(&self) -> AllocationSource {
+        self.source
     }
 
     /// Records activity now, which keeps the reaper's `idle_timeout` away. The executor calls
@@ -666,6 +694,8 @@ impl Drop for SessionGuard {
 /// Shared state of a [`SessionManager`] and its guards.
 struct Inner {
     provider: Arc<dyn VmProvider>,
+    /// The same provider as `provider` when it is a [`PooledProvider`], for sources.
+    pooled: Option<Arc<PooledProvider>>,
     config: SessionConfig,
     limit: Arc<Semaphore>,
     table: Mutex<Table>,
@@ -770,6 +800,10 @@ impl Inner {
                     "Allocated VM {vm_id} in {} ms for session {id}",
                     allocation.elapsed.as_millis()
                 );
+                let source = inner
+                    .pooled
+                    .as_ref()
+                    .map_or(AllocationSource::Cold, |p| p.source_of(&vm_id));
                 Ok(SessionGuard {
                     inner,
                     id,
@@ -777,6 +811,7 @@ impl Inner {
                     vm: Some(vm),
                     vm_id,
                     allocation_time: allocation.elapsed,
+                    source,
                     snapshot,
                 })
             }

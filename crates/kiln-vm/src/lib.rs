@@ -101,6 +101,50 @@ pub trait VmProvider: Send + Sync + 'static {
     async fn release(&self, vm: &dyn Vm) -> Result<(), VmError> {
         vm.release().await
     }
+
+    /// The "ready" snapshot of a fresh VM for `spec`: taken once the agent has answered, stored
+    /// with the image, and created (by booting a VM and snapshotting it) when there is none yet.
+    async fn ready_snapshot(&self, spec: &VmSpec) -> Result<VmSnapshot, VmError> {
+        let _ = spec;
+        Err(VmError::Unsupported {
+            backend: self.name(),
+            what: "snapshots".to_owned(),
+        })
+    }
+
+    /// Restores `snapshot` into a fresh VM: its own writable layer on top of the snapshot's
+    /// disk, its own id, and a new handshake with its agent (hostname and clock set anew).
+    async fn restore(&self, snapshot: &VmSnapshot) -> Result<Allocation, VmError> {
+        let _ = snapshot;
+        Err(VmError::Unsupported {
+            backend: self.name(),
+            what: "snapshots".to_owned(),
+        })
+    }
+
+    /// Deletes a snapshot's files. VMs restored from it keep running. Deleting twice is not an
+    /// error.
+    async fn delete_snapshot(&self, snapshot: &VmSnapshot) -> Result<(), VmError> {
+        let _ = snapshot;
+        Err(VmError::Unsupported {
+            backend: self.name(),
+            what: "snapshots".to_owned(),
+        })
+    }
+}
+
+/// A saved VM (memory, devices and disk) that [`VmProvider::restore`] can start again, any
+/// number of times. Backend-neutral: the files under `dir` are the backend's business.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSnapshot {
+    /// The backend that wrote it.
+    pub backend: &'static str,
+    /// The directory holding the snapshot's files.
+    pub dir: std::path::PathBuf,
+    /// What the snapshotted VM was; a restored VM is the same.
+    pub spec: VmSpec,
+    /// Size of the snapshot's files in bytes.
+    pub size_bytes: u64,
 }
 
 /// One allocated VM.
@@ -138,6 +182,16 @@ pub trait Vm: Send + Sync + fmt::Debug + 'static {
 
     /// Kills everything and frees every host resource of the VM. Idempotent.
     async fn release(&self) -> Result<(), VmError>;
+
+    /// Saves the whole VM (memory, devices, disk) under `dest`, a directory that must not exist
+    /// yet, and stops it: the VM is spent afterwards and only [`Vm::release`] is left to call.
+    async fn snapshot(&self, dest: &Path) -> Result<VmSnapshot, VmError> {
+        let _ = dest;
+        Err(VmError::Unsupported {
+            backend: self.backend(),
+            what: "snapshots".to_owned(),
+        })
+    }
 }
 
 /// A command to run in a VM.

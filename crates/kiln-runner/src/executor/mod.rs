@@ -510,7 +510,7 @@ impl WorkflowExecutor {
             backend: guard.vm().backend().to_owned(),
             allocation_ms: millis(guard.allocation_time()),
             workflow: state.workflow.display_name().to_owned(),
-            source: "cold".to_owned(),
+            source: guard.source().to_string(),
         });
         let vm = guard.vm().clone();
         let layout = Layout::new(vm.work_root());

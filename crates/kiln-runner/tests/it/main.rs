@@ -3,5 +3,6 @@
 mod actions;
 mod commands;
 mod executor;
+mod pool;
 mod qemu;
 mod session;

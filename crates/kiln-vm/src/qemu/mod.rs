@@ -31,6 +31,7 @@
 //! killed kiln leaves behind names its owner pid, and the next [`QemuProvider::new`] removes it.
 
 pub mod qmp;
+mod snapshot;
 
 use std::fmt;
 use std::io::{Read, Seek, SeekFrom};
@@ -361,6 +362,7 @@ impl QemuProvider {
         {
             Ok((client, qmp)) => {
                 let vm = QemuVm {
+                    meta: snapshot::Meta::new(spec, accel, &self.config, &image),
                     id: id.clone(),
                     dir: vm_dir.keep(),
                     client,
@@ -452,6 +454,18 @@ impl VmProvider for QemuProvider {
             vm: Arc::new(vm),
             elapsed: started.elapsed(),
         })
+    }
+
+    async fn ready_snapshot(&self, spec: &VmSpec) -> Result<crate::VmSnapshot, VmError> {
+        self.ready(spec).await
+    }
+
+    async fn restore(&self, snapshot: &crate::VmSnapshot) -> Result<Allocation, VmError> {
+        self.restore_snapshot(snapshot).await
+    }
+
+    async fn delete_snapshot(&self, snapshot: &crate::VmSnapshot) -> Result<(), VmError> {
+        snapshot::delete(snapshot).await
     }
 }
 
@@ -725,8 +739,23 @@ async fn start_qemu(
         });
     }
     let args = qemu_args(config, image, spec, accel, id, dir);
+    Ok((spawn_qemu(config, &args, id, dir)?, grow_root))
+}
+
+/// Starts QEMU with `args` in the per-VM directory `dir`, with a task that reaps it.
+fn spawn_qemu(
+    config: &QemuConfig,
+    args: &[String],
+    id: &str,
+    dir: &Path,
+) -> Result<Process, VmError> {
+    let io = |op: String, source| VmError::Io {
+        vm: id.to_owned(),
+        op,
+        source,
+    };
     let mut cmd = tokio::process::Command::new(&config.binary);
-    cmd.args(&args)
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(
@@ -772,7 +801,7 @@ async fn start_qemu(
         };
         let _ = tx.send(Some(status));
     });
-    Ok((Process { pid, exit: rx }, grow_root))
+    Ok(Process { pid, exit: rx })
 }
 
 /// The QEMU command line (everything after the binary).
@@ -884,6 +913,8 @@ fn host_tsc_khz() -> u64 {
 
 /// A running QEMU VM.
 pub struct QemuVm {
+    /// What was allocated, as a snapshot of this VM records it.
+    meta: snapshot::Meta,
     id: String,
     dir: PathBuf,
     client: GuestClient,
@@ -1097,6 +1128,10 @@ impl Vm for QemuVm {
             });
         }
         Ok(())
+    }
+
+    async fn snapshot(&self, dest: &Path) -> Result<crate::VmSnapshot, VmError> {
+        self.save(dest).await
     }
 }
 
