@@ -63,6 +63,12 @@ pub async fn run(file: &FileConfig, args: RunArgs) -> Result<u8, Exit> {
         );
         return Ok(exit::SUCCESS);
     }
+    // `--input` values are checked against the inputs the triggering event declares (types,
+    // choices, `required`) and defaults are filled in, before anything is allocated.
+    let inputs = workflows
+        .iter()
+        .map(|w| resolve_inputs(w, &args.event, &context.inputs))
+        .collect::<Result<Vec<_>, _>>()?;
     if args.dry_run {
         for workflow in &workflows {
             print_plan(workflow, &args.jobs)?;
@@ -104,8 +110,26 @@ pub async fn run(file: &FileConfig, args: RunArgs) -> Result<u8, Exit> {
     let mut context = context;
     context.workspace = staged.as_ref().map(|s| s.path().to_path_buf());
 
-    let sessions = SessionManager::new(
+    let metrics = settings
+        .metrics_addr
+        .map(|_| std::sync::Arc::new(kiln_runner::metrics::Metrics::new()));
+    let metrics_server = match (settings.metrics_addr, &metrics) {
+        (Some(addr), Some(m)) => Some(
+            crate::pool::serve_metrics(addr, m.clone())
+                .await
+                .map_err(|e| Exit::new(exit::INFRA, e))?,
+        ),
+        _ => None,
+    };
+    let pooled = crate::pool::provider(
         selection.provider.clone(),
+        settings.pools.clone(),
+        settings.cold,
+        metrics.clone(),
+    )
+    .map_err(usage)?;
+    let sessions = SessionManager::with_pools(
+        pooled.clone(),
         SessionConfig {
             max_sessions: settings.max_sessions,
             on_limit: settings.on_limit,
@@ -133,21 +157,27 @@ pub async fn run(file: &FileConfig, args: RunArgs) -> Result<u8, Exit> {
 
     let (tx, mut rx) = mpsc::unbounded_channel::<RunEvent>();
     let json = args.json;
+    let (observer, backend) = (metrics.clone(), selection.provider.name());
     let renderer = tokio::spawn(async move {
         let mut terminal = Terminal::new(style, json);
         while let Some(event) = rx.recv().await {
             terminal.event(&event);
+            if let Some(metrics) = &observer {
+                metrics.observe(backend, &event);
+            }
         }
     });
 
     let mut tasks = Vec::new();
-    for workflow in workflows {
+    for (workflow, inputs) in workflows.into_iter().zip(inputs) {
         let run_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let mut context = context.clone();
+        context.inputs = inputs;
         let options = RunOptions {
             run_id: run_id.clone(),
             isolation: settings.isolation,
             spec: settings.spec.clone(),
-            context: context.clone(),
+            context,
             only_jobs: args.jobs.clone(),
             matrix_filter: matrix_filter.clone(),
         };
@@ -174,6 +204,10 @@ pub async fn run(file: &FileConfig, args: RunArgs) -> Result<u8, Exit> {
     interrupts.abort();
     // Aborted runs release their sessions from the guards' drop; wait for that to finish.
     wait_for_release(&sessions, Duration::from_secs(15)).await;
+    pooled.shutdown().await;
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
     drop(staged);
 
     let mut code = exit::SUCCESS;
@@ -223,6 +257,33 @@ pub async fn run(file: &FileConfig, args: RunArgs) -> Result<u8, Exit> {
         raise(exit::CANCELLED);
     }
     Ok(code)
+}
+
+/// The `inputs` context of one workflow for `event`.
+fn resolve_inputs(
+    workflow: &Workflow,
+    event: &str,
+    given: &IndexMap<String, serde_json::Value>,
+) -> Result<IndexMap<String, serde_json::Value>, Exit> {
+    let Some(trigger) = workflow
+        .on
+        .events
+        .get(event)
+        .filter(|_| matches!(event, "workflow_dispatch" | "workflow_call"))
+    else {
+        return Ok(given.clone());
+    };
+    let raw: IndexMap<String, String> = given
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+        .collect();
+    trigger.resolve_inputs(&raw).map_err(|errors| {
+        usage(anyhow!(
+            "{}: invalid --input for `{event}`:\n  {}",
+            workflow.file,
+            errors.join("\n  ")
+        ))
+    })
 }
 
 fn error_chain(e: &ExecError) -> String {

@@ -443,3 +443,54 @@ fn every_corpus_workflow_validates() {
         .expect("count");
     assert!(checked >= 263, "{summary}");
 }
+
+#[test]
+fn dispatch_inputs_are_typed_defaulted_and_checked() {
+    let env = Env::new();
+    env.write(
+        "dispatch.yml",
+        r#"
+on:
+  workflow_dispatch:
+    inputs:
+      level:
+        type: choice
+        options: [low, high]
+        required: true
+      dry:
+        type: boolean
+        default: true
+      note:
+        default: hello
+jobs:
+  a:
+    runs-on: x
+    steps:
+      - run: echo "${{ inputs.level }} ${{ inputs.dry }} ${{ inputs.note }} ${{ inputs.dry == true }}"
+"#,
+    );
+    let out = env.run(&[
+        "run",
+        "dispatch.yml",
+        "workflow_dispatch",
+        "--input",
+        "level=high",
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("| high true hello true"), "{stderr}");
+    let out = env.run(&[
+        "run",
+        "dispatch.yml",
+        "workflow_dispatch",
+        "--input",
+        "level=medium",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("invalid --input"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(env.leftovers().is_empty());
+}
