@@ -32,7 +32,32 @@ pub struct FileConfig {
     #[serde(default)]
     firecracker: Option<toml::Table>,
     #[serde(default)]
-    server: Option<toml::Table>,
+    server: ServerSection,
+}
+
+/// `[server]`: `kiln serve`. Secrets are never here; they come from the environment.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Address to listen on (`127.0.0.1:8080`).
+    pub listen: Option<String>,
+    /// The run database: empty = SQLite in the data dir, or a path to a SQLite file.
+    pub database: Option<String>,
+    /// GitHub's REST API base (GHES: `https://HOST/api/v3`).
+    pub github_api_url: Option<String>,
+    /// Gitea's API base (`https://HOST/api/v1`); default: from each repository's URL.
+    pub gitea_api_url: Option<String>,
+    /// The URL people reach kiln at, for the `target_url` of commit statuses.
+    pub public_url: Option<String>,
+    /// Clone URL prefix -> replacement prefix (mirrors, tests).
+    #[serde(default)]
+    pub clone_url_rewrite: IndexMap<String, String>,
+    /// Runs executed at once (default: `[runner] max_sessions`).
+    pub workers: Option<usize>,
+    /// Re-queue runs interrupted by a restart instead of failing them.
+    pub requeue_interrupted: Option<bool>,
+    /// On shutdown, how long running runs get to finish before they are cancelled.
+    pub shutdown_grace_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -142,7 +167,6 @@ impl FileConfig {
         for (section, present) in [
             ("[pool.*]", !config.pool.is_empty()),
             ("[firecracker]", config.firecracker.is_some()),
-            ("[server]", config.server.is_some()),
         ] {
             if present {
                 bail!(
@@ -152,6 +176,11 @@ impl FileConfig {
             }
         }
         Ok(config)
+    }
+
+    /// The `[server]` section.
+    pub fn server(&self) -> &ServerSection {
+        &self.server
     }
 
     /// The `[images.NAME]` section, if any.
@@ -302,9 +331,20 @@ timeout_minutes = 30
 
 [qemu]
 accel = "tcg"
+
+[server]
+listen = "127.0.0.1:8080"
+database = ""
+github_api_url = "https://api.github.com"
+public_url = "https://kiln.example"
+clone_url_rewrite = { "https://github.com/" = "file:///srv/mirror/" }
 "#;
         let config: FileConfig = toml::from_str(text).expect("parse");
         assert_eq!(config.runner.max_sessions, Some(2));
         assert_eq!(config.vm_types["default"].vcpus, Some(1));
+        assert_eq!(
+            config.server.clone_url_rewrite["https://github.com/"],
+            "file:///srv/mirror/"
+        );
     }
 }

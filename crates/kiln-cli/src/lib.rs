@@ -17,6 +17,7 @@ mod image;
 mod inputs;
 mod render;
 mod run;
+mod serve;
 mod workflows;
 
 use std::process::ExitCode;
@@ -133,7 +134,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Exit> {
         Command::Logs { .. } => not_yet("kiln logs", "the run store"),
         Command::Debug { .. } => not_yet("kiln debug", "step snapshots"),
         Command::Rerun { .. } => not_yet("kiln rerun", "the run store"),
-        Command::Serve => not_yet("kiln serve", "service mode"),
+        Command::Serve(args) => serve::serve(&file, args).await,
         Command::Worker => not_yet("kiln worker", "service mode"),
     }
 }

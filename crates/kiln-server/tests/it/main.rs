@@ -1,0 +1,6 @@
+//! kiln-server end to end on loopback: webhooks, the queue, workers, statuses, the API.
+
+mod api;
+mod e2e;
+mod support;
+mod webhooks;
