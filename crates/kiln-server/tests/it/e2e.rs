@@ -275,3 +275,128 @@ async fn restart_marks_interrupted_runs_keeps_the_queue_and_reports() {
     );
     h.stop().await;
 }
+
+#[tokio::test]
+async fn gitea_push_reports_gitea_statuses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = Repo::new(dir.path(), &[("ci.yml", CI_WORKFLOW)]);
+    let sha = repo.commit("gitea");
+    let (gitea, api_url) = FakeGitHub::start().await;
+    let h = Harness::start(
+        dir.path(),
+        repo.rewrite(),
+        Options {
+            gitea_api_url: Some(api_url),
+            ..Options::default()
+        },
+    )
+    .await;
+    let body = push_payload(&sha);
+    let signature = kiln_server::signature::sign_hex(
+        crate::support::WEBHOOK_SECRET.as_bytes(),
+        body.as_bytes(),
+    );
+    let response = h
+        .http
+        .post(format!("{}/webhooks/gitea", h.url))
+        .header("x-gitea-event", "push")
+        .header("x-gitea-delivery", "gitea-1")
+        .header("x-gitea-signature", signature)
+        .body(body)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 202);
+    let gh = gitea.clone();
+    wait_for("three Gitea statuses", Duration::from_secs(60), || {
+        let gh = gh.clone();
+        async move { gh.calls().len() >= 3 }
+    })
+    .await;
+    let calls = gitea.calls();
+    assert_eq!(
+        states(&calls),
+        [
+            ("pending".to_owned(), "Queued".to_owned()),
+            ("pending".to_owned(), "Running".to_owned()),
+            ("success".to_owned(), "Succeeded".to_owned()),
+        ]
+    );
+    assert_eq!(
+        calls[0].authorization,
+        format!("token {}", crate::support::GITEA_TOKEN)
+    );
+    assert_eq!(calls[0].path, format!("/repos/octo/app/statuses/{sha}"));
+    h.stop().await;
+}
+
+const GROUPED_WORKFLOW: &str = r#"name: Deploy
+on: push
+concurrency:
+  group: deploy-${{ github.ref }}
+  cancel-in-progress: true
+jobs:
+  deploy:
+    runs-on: ubuntu-latest
+    steps:
+      - run: |
+          echo "deploying $(cat marker.txt)"
+          if [ "$(cat marker.txt)" = old ]; then sleep 120; fi
+"#;
+
+#[tokio::test]
+async fn cancel_in_progress_cancels_the_older_run_of_the_group() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = Repo::new(dir.path(), &[("deploy.yml", GROUPED_WORKFLOW)]);
+    let old = repo.commit("old");
+    let h = Harness::start(dir.path(), repo.rewrite(), Options::default()).await;
+    assert_eq!(
+        h.signed_webhook("push", "g-1", &push_payload(&old))
+            .await
+            .status(),
+        202
+    );
+    let store = h.store.clone();
+    wait_for("the old run to deploy", Duration::from_secs(30), || {
+        let store = store.clone();
+        async move {
+            let Some(run) = store.list(&RunFilter::default()).await.expect("list").pop() else {
+                return false;
+            };
+            store
+                .events(&run.id, 0, 1000)
+                .await
+                .expect("events")
+                .iter()
+                .any(|e| e.body.contains("deploying old"))
+        }
+    })
+    .await;
+    let new = repo.commit("new");
+    assert_eq!(
+        h.signed_webhook("push", "g-2", &push_payload(&new))
+            .await
+            .status(),
+        202
+    );
+    let store = h.store.clone();
+    wait_for("both runs to finish", Duration::from_secs(60), || {
+        let store = store.clone();
+        async move { finished_runs(&store).await.len() == 2 }
+    })
+    .await;
+    let runs = h.store.list(&RunFilter::default()).await.expect("list");
+    let by_sha = |sha: &str| {
+        runs.iter()
+            .find(|r| r.spec.sha == sha)
+            .expect("run")
+            .clone()
+    };
+    assert_eq!(by_sha(&old).result, Some(RunResult::Cancelled));
+    assert_eq!(by_sha(&new).result, Some(RunResult::Success));
+    assert_eq!(
+        by_sha(&new).spec.concurrency_group.as_deref(),
+        Some("octo/app:deploy-refs/heads/main")
+    );
+    h.stop().await;
+}

@@ -22,6 +22,7 @@ use kiln_vm::{VmProvider, VmSpec};
 pub const WEBHOOK_SECRET: &str = "webhook-secret";
 pub const API_TOKEN: &str = "api-token";
 pub const GITHUB_TOKEN: &str = "ghs_test_token";
+pub const GITEA_TOKEN: &str = "gitea_test_token";
 pub const CLONE_URL: &str = "https://github.example/octo/app.git";
 
 pub const CI_WORKFLOW: &str = r#"name: CI
@@ -192,6 +193,7 @@ pub struct Options {
     pub spec: VmSpec,
     pub workers: usize,
     pub github_api_url: Option<String>,
+    pub gitea_api_url: Option<String>,
     pub requeue: bool,
 }
 
@@ -202,6 +204,7 @@ impl Default for Options {
             spec: VmSpec::default(),
             workers: 2,
             github_api_url: None,
+            gitea_api_url: None,
             requeue: false,
         }
     }
@@ -232,11 +235,12 @@ impl Harness {
         if let Some(api) = options.github_api_url {
             config.github_api_url = api;
         }
+        config.gitea_api_url = options.gitea_api_url;
         config.secrets = Secrets {
             github_webhook: Some(WEBHOOK_SECRET.into()),
             gitea_webhook: Some(WEBHOOK_SECRET.into()),
             github_token: Some(GITHUB_TOKEN.into()),
-            gitea_token: None,
+            gitea_token: Some(GITEA_TOKEN.into()),
             api_token: Some(API_TOKEN.into()),
         };
         let runtime = tempfile::tempdir().expect("tempdir");
