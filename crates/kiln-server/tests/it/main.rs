@@ -1,6 +1,7 @@
 //! kiln-server end to end on loopback: webhooks, the queue, workers, statuses, the API.
 
 mod api;
+mod browser;
 mod e2e;
 mod support;
 mod vm;
