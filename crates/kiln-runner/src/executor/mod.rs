@@ -3,12 +3,14 @@
 //! ```text
 //! execute(workflow)
 //!   check what kiln can run            (before any VM exists: unsupported features fail here)
+//!   resolve actions and called workflows on the host (actions::catalog; errors fail here too)
 //!   create_session  -> one VM          (isolation = "workflow"; "job" makes one per job leg)
 //!   setup: workspace copied in, runner dirs, event payload
-//!   jobs in dependency order
-//!     job if: -> matrix legs -> steps:
-//!       if: -> env -> file-command files -> exec (streamed, masked) -> file commands read back
-//!     job outputs
+//!   jobs in dependency order           (a `uses:` job runs the called workflow: reusable.rs)
+//!     job if: -> matrix legs -> pre steps of actions -> steps:
+//!       if: -> env -> run: | uses: (actions::run) | actions/checkout (native)
+//!          each process: file-command files -> exec (streamed, masked) -> file commands read back
+//!     post steps of actions, in reverse -> job outputs
 //!   cleanup: every process the run left behind is killed   (always)
 //!   release_session                                        (always, even on panic: the guard)
 //! ```

@@ -110,6 +110,20 @@ impl Harness {
             config,
             &[],
             VmSpec::default(),
+            Isolation::Workflow,
+        )
+        .await
+    }
+
+    async fn run_isolated(&self, yaml: &str, isolation: Isolation) -> Outcome {
+        run_with(
+            self.provider.clone(),
+            self.workspace.path(),
+            yaml,
+            self.config(),
+            &[("token", "t")],
+            VmSpec::default(),
+            isolation,
         )
         .await
     }
@@ -122,6 +136,7 @@ impl Harness {
             self.config(),
             secrets,
             VmSpec::default(),
+            Isolation::Workflow,
         )
         .await
     }
@@ -178,6 +193,7 @@ async fn run_with(
     config: ActionConfig,
     secrets: &[(&str, &str)],
     spec: VmSpec,
+    isolation: Isolation,
 ) -> Outcome {
     let sessions = SessionManager::new(
         provider,
@@ -193,7 +209,7 @@ async fn run_with(
     let git = GitInfo::discover(workspace);
     let options = RunOptions {
         run_id: format!("run-{}", uuid::Uuid::new_v4().simple()),
-        isolation: Isolation::Workflow,
+        isolation,
         spec,
         context: RunContext {
             secrets: secrets
@@ -737,6 +753,7 @@ jobs:
             vcpus: 1,
             ..VmSpec::default()
         },
+        Isolation::Workflow,
     )
     .await;
     let report = out.report();
@@ -850,4 +867,39 @@ jobs:
     };
     assert_eq!(shape(&again), shape(&online));
     assert!(again.has("mytool 1.0 --check 1.0"));
+}
+
+#[tokio::test]
+async fn reusable_workflow_jobs_get_their_own_vms_under_job_isolation() {
+    let h = Harness::new();
+    let out = h
+        .run_isolated(
+            r#"
+on: push
+jobs:
+  call:
+    uses: ./.github/workflows/reusable.yml
+    with:
+      who: isolated
+    secrets: inherit
+  after:
+    needs: call
+    runs-on: ubuntu-latest
+    steps:
+      - run: echo "got=${{ needs.call.outputs.greeting }}"
+"#,
+            Isolation::Job,
+        )
+        .await;
+    assert_eq!(
+        out.report().result,
+        Conclusion::Success,
+        "{:#?}",
+        out.logs()
+    );
+    assert!(out.has("nested got hi isolated x2 loud=false"));
+    assert!(out.has("got=hi isolated x2 loud=false"));
+    // call/greet, call/nested/show and after: one VM each.
+    assert_eq!(out.allocations, 3);
+    assert_eq!(out.report().vm_allocations, 3);
 }
