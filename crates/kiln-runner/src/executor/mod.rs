@@ -754,7 +754,15 @@ impl WorkflowExecutor {
         let total_steps = job.steps.len();
         // Pre and post steps are numbered after the job's own steps.
         let mut next_index = total_steps;
-        ctx_map.insert("env".into(), string_map_value(&state.options.context.env));
+        // Pre steps see the workflow's and the job's env (no step has run yet).
+        let mut pre_env = state.options.context.env.clone();
+        for (k, t) in state.workflow.env.iter().chain(job.env.iter()) {
+            ctx_map.insert("env".into(), string_map_value(&pre_env));
+            if let Ok(v) = eval_string(t, &ctx_map, &host) {
+                pre_env.insert(k.clone(), v);
+            }
+        }
+        ctx_map.insert("env".into(), string_map_value(&pre_env));
         steps.extend(
             self.run_pre_steps(
                 state,

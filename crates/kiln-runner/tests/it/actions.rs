@@ -389,6 +389,8 @@ on: push
 jobs:
   build:
     runs-on: ubuntu-latest
+    env:
+      JOB_LEVEL: job-env
     steps:
       - run: echo first-step
       - id: js
@@ -431,6 +433,7 @@ async fn remote_javascript_action_pre_main_post_state_outputs_after_failure() {
     assert!(out.position("pre ran for world") < out.position("pre ran for second"));
     assert!(out.position("pre ran for second") < out.position("first-step"));
     assert!(out.has("main for world sees STATE_from_pre=pre-of-world"));
+    assert!(out.has("pre sees JOB_LEVEL=job-env"));
     assert!(out.has("greeting=hello world env=second"));
     assert!(out.has("path-added"));
     let post_second = out.position(
@@ -493,7 +496,7 @@ async fn remote_actions_come_from_the_cache_offline_and_misses_are_clear() {
         .expect_err("a miss is an error")
         .to_string();
     assert_eq!(miss.allocations, 0);
-    assert!(err.contains(".github/workflows/ci.yml:9:15"), "{err}");
+    assert!(err.contains(".github/workflows/ci.yml:11:15"), "{err}");
     assert!(
         err.contains("step `Run acme/js-action@v2` of job `build`"),
         "{err}"

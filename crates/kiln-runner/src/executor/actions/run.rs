@@ -761,8 +761,14 @@ impl WorkflowExecutor {
                     Ok(inputs) => match self.check_node(&cx, node).await {
                         Err(e) => StepDone::failed(e),
                         Ok(()) => {
-                            let mut env: IndexMap<String, String> = leg.env.clone();
-                            env = Self::node_env(&env, &located, &inputs);
+                            let env_ctx = match ctx.get("env") {
+                                Some(Value::Object(map)) => map
+                                    .iter()
+                                    .map(|(k, v)| (k.clone(), v.to_display_string()))
+                                    .collect(),
+                                _ => IndexMap::new(),
+                            };
+                            let env = Self::node_env(&env_ctx, &located, &inputs);
                             let script = format!("{}/{}", located.dir, pre.value);
                             let result = self
                                 .exec_process(
