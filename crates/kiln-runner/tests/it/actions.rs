@@ -906,3 +906,34 @@ jobs:
     assert_eq!(out.allocations, 3);
     assert_eq!(out.report().vm_allocations, 3);
 }
+
+#[tokio::test]
+async fn post_of_a_javascript_action_inside_a_composite_runs_at_job_end() {
+    let h = Harness::new();
+    let out = h
+        .run(
+            r#"
+on: push
+jobs:
+  build:
+    runs-on: ubuntu-latest
+    steps:
+      - uses: ./.github/actions/wrap-js
+      - run: echo last-step
+"#,
+            h.config(),
+        )
+        .await;
+    assert_eq!(
+        out.report().result,
+        Conclusion::Success,
+        "{:#?}",
+        out.logs()
+    );
+    assert!(out.has("INPUT_MY-INPUT=[nested]"));
+    assert!(out.position("last-step") < out.position("local post ran with INPUT_MY-INPUT=nested"));
+    assert_eq!(
+        out.step_names().last().map(|(n, c)| (n.as_str(), *c)),
+        Some(("Post Run ./.github/actions/wrap-js", Conclusion::Success))
+    );
+}
