@@ -165,6 +165,12 @@ pub struct RunArgs {
     /// Write one JSON event per line to stdout.
     #[arg(long)]
     pub json: bool,
+    /// Boot every VM cold: no warm pool, no snapshot restore (for comparison and debugging).
+    #[arg(long)]
+    pub cold: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics while kiln runs.
+    #[arg(long, env = "KILN_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// The action cache (default: `<data dir>/actions`).
     #[arg(long, env = "KILN_ACTION_CACHE", value_name = "DIR")]
     pub action_cache: Option<PathBuf>,

@@ -26,7 +26,7 @@ pub struct FileConfig {
     #[serde(default)]
     vm_types: IndexMap<String, VmTypeSection>,
     #[serde(default)]
-    pool: IndexMap<String, toml::Table>,
+    pool: IndexMap<String, PoolSection>,
     #[serde(default)]
     qemu: QemuSection,
     #[serde(default)]
@@ -94,6 +94,18 @@ pub struct ImageSection {
     pub packages: Vec<String>,
     /// Debian mirror.
     pub mirror: Option<String>,
+}
+
+/// `[pool.NAME]`: a warm pool for the VM type NAME (see `crate::pool`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSection {
+    /// VMs kept ready.
+    pub min_idle: Option<usize>,
+    /// VMs in the pool at most.
+    pub max_total: Option<usize>,
+    /// `fifo`, `lru` or `round-robin`.
+    pub strategy: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -164,10 +176,7 @@ impl FileConfig {
             .with_context(|| format!("Cannot read config file {}", path.display()))?;
         let config: FileConfig =
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        for (section, present) in [
-            ("[pool.*]", !config.pool.is_empty()),
-            ("[firecracker]", config.firecracker.is_some()),
-        ] {
+        for (section, present) in [("[firecracker]", config.firecracker.is_some())] {
             if present {
                 bail!(
                     "{}: the {section} section is not yet supported by this kiln version",
@@ -230,6 +239,12 @@ pub struct Settings {
     pub spec: VmSpec,
     /// Until the guest agent answers (`None`: the backend's default).
     pub boot_timeout: Option<Duration>,
+    /// `[pool.*]`, checked.
+    pub pools: Vec<(VmSpec, kiln_runner::pool::PoolConfig)>,
+    /// `--cold`: boot every VM (no pool, no snapshot).
+    pub cold: bool,
+    /// `--metrics-addr`.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Settings {
@@ -283,8 +298,11 @@ impl Settings {
             isolation,
             max_sessions,
             on_limit,
+            pools: crate::pool::resolve_pools(&file.pool, &spec)?,
             spec,
             boot_timeout: runner.boot_timeout_seconds.map(Duration::from_secs),
+            cold: args.cold,
+            metrics_addr: args.metrics_addr,
         })
     }
 }

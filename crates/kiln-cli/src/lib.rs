@@ -15,6 +15,7 @@ mod args;
 mod config;
 mod image;
 mod inputs;
+mod pool;
 mod render;
 mod run;
 mod serve;

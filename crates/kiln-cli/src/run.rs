@@ -110,8 +110,26 @@ pub async fn run(file: &FileConfig, args: RunArgs) -> Result<u8, Exit> {
     let mut context = context;
     context.workspace = staged.as_ref().map(|s| s.path().to_path_buf());
 
-    let sessions = SessionManager::new(
+    let metrics = settings
+        .metrics_addr
+        .map(|_| std::sync::Arc::new(kiln_runner::metrics::Metrics::new()));
+    let metrics_server = match (settings.metrics_addr, &metrics) {
+        (Some(addr), Some(m)) => Some(
+            crate::pool::serve_metrics(addr, m.clone())
+                .await
+                .map_err(|e| Exit::new(exit::INFRA, e))?,
+        ),
+        _ => None,
+    };
+    let pooled = crate::pool::provider(
         selection.provider.clone(),
+        settings.pools.clone(),
+        settings.cold,
+        metrics.clone(),
+    )
+    .map_err(usage)?;
+    let sessions = SessionManager::with_pools(
+        pooled.clone(),
         SessionConfig {
             max_sessions: settings.max_sessions,
             on_limit: settings.on_limit,
@@ -139,10 +157,14 @@ pub async fn run(file: &FileConfig, args: RunArgs) -> Result<u8, Exit> {
 
     let (tx, mut rx) = mpsc::unbounded_channel::<RunEvent>();
     let json = args.json;
+    let (observer, backend) = (metrics.clone(), selection.provider.name());
     let renderer = tokio::spawn(async move {
         let mut terminal = Terminal::new(style, json);
         while let Some(event) = rx.recv().await {
             terminal.event(&event);
+            if let Some(metrics) = &observer {
+                metrics.observe(backend, &event);
+            }
         }
     });
 
@@ -182,6 +204,10 @@ pub async fn run(file: &FileConfig, args: RunArgs) -> Result<u8, Exit> {
     interrupts.abort();
     // Aborted runs release their sessions from the guards' drop; wait for that to finish.
     wait_for_release(&sessions, Duration::from_secs(15)).await;
+    pooled.shutdown().await;
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
     drop(staged);
 
     let mut code = exit::SUCCESS;
