@@ -607,10 +607,30 @@ impl WorkflowExecutor {
                 }
             }
             None => {
+                // `strategy.max-parallel` bounds how many legs (VMs) of this job run at once.
+                let max_parallel = job
+                    .strategy
+                    .as_ref()
+                    .and_then(|s| s.max_parallel.as_ref())
+                    .and_then(|m| match m {
+                        NumberOrExpr::Number(n) => Some(*n),
+                        NumberOrExpr::Expr(t) => {
+                            eval_value(t, &ctx_map, &host).ok().map(|v| v.to_number())
+                        }
+                    })
+                    .filter(|n| n.is_finite() && *n >= 1.0)
+                    .map_or(total, |n| (n as usize).min(total.max(1)));
+                let parallel = tokio::sync::Semaphore::new(max_parallel.max(1));
                 let runs = legs.iter().enumerate().map(|(index, leg)| {
                     let ctx_map = &ctx_map;
                     let leg_cancel = &leg_cancel;
+                    let parallel = &parallel;
                     async move {
+                        let _slot = parallel.acquire().await;
+                        if leg_cancel.is_cancelled() && fail_fast {
+                            // fail-fast cancelled the legs that had not started yet.
+                            return Ok(self.cancelled_leg(state, job_id, job, leg, ctx_map));
+                        }
                         let session_id = if total > 1 {
                             format!("{}-{job_id}-{}", state.options.run_id, index + 1)
                         } else {
@@ -642,6 +662,44 @@ impl WorkflowExecutor {
             }
         }
         Ok(reports)
+    }
+
+    /// A leg that never started because fail-fast cancelled it.
+    fn cancelled_leg(
+        &self,
+        state: &RunState<'_>,
+        job_id: &str,
+        job: &Job,
+        leg: &MatrixLeg,
+        ctx_map: &IndexMap<String, Value>,
+    ) -> JobReport {
+        let name = job_display_name(
+            job_id,
+            job,
+            leg,
+            ctx_map,
+            &StaticHost::new(JobStatus::Cancelled),
+        );
+        state.events.emit(EventKind::JobStarted {
+            job: job_id.to_owned(),
+            name: name.clone(),
+        });
+        state.events.emit(EventKind::JobFinished {
+            job: job_id.to_owned(),
+            name: name.clone(),
+            result: Conclusion::Cancelled,
+            outputs: IndexMap::new(),
+        });
+        JobReport {
+            id: job_id.to_owned(),
+            name,
+            result: Conclusion::Cancelled,
+            duration: Duration::ZERO,
+            steps: Vec::new(),
+            outputs: IndexMap::new(),
+            summary: String::new(),
+            annotations: Vec::new(),
+        }
     }
 
     fn skip_job(
@@ -1670,6 +1728,18 @@ fn eval_string(
     host: &StaticHost,
 ) -> Result<String, String> {
     t.eval(&EvalContext {
+        contexts: ctx,
+        host,
+    })
+    .map_err(|e| format!("{}: {e}", t.span()))
+}
+
+fn eval_value(
+    t: &Template,
+    ctx: &IndexMap<String, Value>,
+    host: &StaticHost,
+) -> Result<Value, String> {
+    t.eval_value(&EvalContext {
         contexts: ctx,
         host,
     })

@@ -971,3 +971,66 @@ jobs:
     assert_eq!(result.expect("run").result, Conclusion::Success);
     assert_eq!(logs(&events), ["j 3 s"]);
 }
+
+#[tokio::test]
+async fn max_parallel_bounds_concurrent_legs_and_fail_fast_cancels_the_rest() {
+    let h = harness(4, OnLimit::Wait);
+    let log_dir = tempfile::tempdir().expect("tempdir");
+    let log = log_dir.path().join("order");
+    let yaml = format!(
+        r#"
+on: push
+jobs:
+  m:
+    runs-on: ubuntu-latest
+    strategy:
+      max-parallel: 1
+      matrix:
+        n: [1, 2, 3]
+    steps:
+      - run: echo "start ${{{{ matrix.n }}}}" >> {log}; sleep 0.2; echo "end ${{{{ matrix.n }}}}" >> {log}
+"#,
+        log = log.display()
+    );
+    let (result, _) = h
+        .run_with(&yaml, Isolation::Job, &CancellationToken::new())
+        .await;
+    assert_eq!(result.expect("run").result, Conclusion::Success);
+    let order = std::fs::read_to_string(&log).expect("log");
+    let lines: Vec<&str> = order.lines().collect();
+    assert_eq!(lines.len(), 6, "{order}");
+    for pair in lines.chunks(2) {
+        assert!(
+            pair[0].starts_with("start") && pair[1].starts_with("end"),
+            "{order}"
+        );
+        assert_eq!(pair[0][6..], pair[1][4..], "legs overlapped: {order}");
+    }
+
+    let failing = r#"
+on: push
+jobs:
+  m:
+    runs-on: ubuntu-latest
+    strategy:
+      max-parallel: 1
+      matrix:
+        n: [1, 2, 3]
+    steps:
+      - run: exit 1
+"#;
+    let (result, _) = h
+        .run_with(failing, Isolation::Job, &CancellationToken::new())
+        .await;
+    let report = result.expect("run");
+    let results: Vec<Conclusion> = report.jobs.iter().map(|j| j.result).collect();
+    assert_eq!(
+        results,
+        [
+            Conclusion::Failure,
+            Conclusion::Cancelled,
+            Conclusion::Cancelled
+        ]
+    );
+    assert_eq!(report.vm_allocations, 1, "cancelled legs get no VM");
+}
