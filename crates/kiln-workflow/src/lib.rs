@@ -26,7 +26,9 @@ pub mod trigger;
 pub mod value;
 pub mod yaml;
 
-pub use action::{Action, ActionError, ActionInput, ActionOutput, ActionRuns, NodeRuns, parse_action};
+pub use action::{
+    Action, ActionError, ActionInput, ActionOutput, ActionRuns, NodeRuns, parse_action,
+};
 pub use expr::{Condition, EvalContext, Expr, ExprError, Host, JobStatus, Template};
 pub use graph::{GraphError, job_order};
 pub use load::{Diagnostic, WorkflowError, parse_workflow};

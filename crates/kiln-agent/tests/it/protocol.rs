@@ -258,7 +258,10 @@ async fn a_second_hello_in_a_connection_is_answered_like_the_first() {
     assert_eq!(version, PROTOCOL_VERSION);
     assert!(!info.pid1);
     let wrong = hello(&mut stdin, &mut reader, PROTOCOL_VERSION + 1).await;
-    assert!(matches!(wrong, Message::Error { id: None, .. }), "{wrong:?}");
+    assert!(
+        matches!(wrong, Message::Error { id: None, .. }),
+        "{wrong:?}"
+    );
     FrameWriter::new(&mut stdin)
         .send(&Message::Ping { id: 7 })
         .await
