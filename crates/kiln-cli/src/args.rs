@@ -53,6 +53,9 @@ pub enum Command {
         /// Run id.
         run: String,
     },
+    /// Warm pools and ready snapshots.
+    #[command(subcommand)]
+    Pool(crate::pool::PoolCommand),
     /// Serve webhooks, the REST API, the web UI and /metrics.
     Serve(ServeArgs),
     /// Take runs from a shared queue (not yet supported).

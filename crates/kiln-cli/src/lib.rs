@@ -135,6 +135,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Exit> {
         Command::Logs { .. } => not_yet("kiln logs", "the run store"),
         Command::Debug { .. } => not_yet("kiln debug", "step snapshots"),
         Command::Rerun { .. } => not_yet("kiln rerun", "the run store"),
+        Command::Pool(cmd) => pool::command(cmd),
         Command::Serve(args) => serve::serve(&file, args).await,
         Command::Worker => not_yet("kiln worker", "service mode"),
     }

@@ -6,16 +6,29 @@
 //! at `http://ADDR/metrics` while kiln runs.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
+use clap::Subcommand;
 use indexmap::IndexMap;
 use kiln_runner::metrics::{self, Metrics};
-use kiln_runner::pool::{PoolConfig, PoolSettings, PooledProvider, Strategy};
+use kiln_runner::pool::{PoolConfig, PoolSettings, PoolStatus, PooledProvider, Strategy};
 use kiln_vm::{VmProvider, VmSpec};
+use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
-use crate::config::PoolSection;
+use crate::config::{Dirs, PoolSection};
+use crate::{Exit, exit};
+
+/// `kiln pool ...`.
+#[derive(Debug, Subcommand)]
+pub enum PoolCommand {
+    /// Per-pool idle, busy, warming and failed counts of the running kiln processes, and the
+    /// ready snapshots stored with the images.
+    Status,
+}
 
 /// Defaults of a `[pool.NAME]` key left out (the design sketch's values).
 const DEFAULT_MIN_IDLE: usize = 2;
@@ -83,6 +96,204 @@ pub async fn serve_metrics(
     Ok(tokio::spawn(metrics::serve(listener, metrics)))
 }
 
+/// How often a running kiln writes its pools' counts for `kiln pool status`.
+const PUBLISH_EVERY: Duration = Duration::from_millis(500);
+
+/// One pool in a status file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct PoolLine {
+    vm_type: String,
+    idle: usize,
+    busy: usize,
+    warming: usize,
+    failed: u64,
+    served: u64,
+    min_idle: usize,
+    max_total: usize,
+    strategy: String,
+}
+
+impl From<&PoolStatus> for PoolLine {
+    fn from(s: &PoolStatus) -> PoolLine {
+        PoolLine {
+            vm_type: s.vm_type.clone(),
+            idle: s.idle,
+            busy: s.busy,
+            warming: s.warming,
+            failed: s.failed,
+            served: s.served,
+            min_idle: s.config.min_idle,
+            max_total: s.config.max_total,
+            strategy: s.config.strategy.to_string(),
+        }
+    }
+}
+
+/// `<runtime>/pools/<pid>.json`, written by a running kiln that has pools.
+#[derive(Debug, Serialize, Deserialize)]
+struct StatusFile {
+    pid: u32,
+    pools: Vec<PoolLine>,
+}
+
+fn status_dir(runtime: &Path) -> PathBuf {
+    runtime.join("pools")
+}
+
+/// Writes the pools' counts for `kiln pool status` until dropped (which removes the file).
+pub struct StatusPublisher {
+    task: Option<JoinHandle<()>>,
+    path: PathBuf,
+}
+
+impl Drop for StatusPublisher {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Starts publishing `pooled`'s counts under the runtime dir (nothing when it has no pools).
+pub fn publish_status(runtime: &Path, pooled: Arc<PooledProvider>) -> StatusPublisher {
+    let path = status_dir(runtime).join(format!("{}.json", std::process::id()));
+    if pooled.status().is_empty() {
+        return StatusPublisher { task: None, path };
+    }
+    let file = path.clone();
+    let task = tokio::spawn(async move {
+        let _ = tokio::fs::create_dir_all(file.parent().unwrap_or(Path::new("."))).await;
+        let tmp = file.with_extension("tmp");
+        loop {
+            let status = StatusFile {
+                pid: std::process::id(),
+                pools: pooled.status().iter().map(PoolLine::from).collect(),
+            };
+            if let Ok(json) = serde_json::to_vec(&status)
+                && tokio::fs::write(&tmp, json).await.is_ok()
+            {
+                let _ = tokio::fs::rename(&tmp, &file).await;
+            }
+            tokio::time::sleep(PUBLISH_EVERY).await;
+        }
+    });
+    StatusPublisher {
+        task: Some(task),
+        path,
+    }
+}
+
+/// `kiln pool ...`.
+pub fn command(cmd: PoolCommand) -> Result<u8, Exit> {
+    match cmd {
+        PoolCommand::Status => {
+            let dirs = Dirs::from_env();
+            print!("{}", status_text(&dirs.runtime, &dirs.data));
+            Ok(exit::SUCCESS)
+        }
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The report of `kiln pool status`.
+fn status_text(runtime: &Path, data: &Path) -> String {
+    let mut out = String::from("Pools of running kiln processes:\n");
+    let mut files: Vec<StatusFile> = std::fs::read_dir(status_dir(runtime))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .filter_map(|e| std::fs::read(e.path()).ok())
+                .filter_map(|bytes| serde_json::from_slice::<StatusFile>(&bytes).ok())
+                .filter(|f| alive(f.pid))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort_by_key(|f| f.pid);
+    if files.iter().all(|f| f.pools.is_empty()) {
+        out.push_str("  (none: pools live while `kiln run` runs with a [pool.NAME] section)\n");
+    } else {
+        out.push_str(&format!(
+            "  {:<8} {:<10} {:>5} {:>5} {:>8} {:>7} {:>7} {:>4} {:>4}  {}\n",
+            "PID",
+            "VM TYPE",
+            "IDLE",
+            "BUSY",
+            "WARMING",
+            "FAILED",
+            "SERVED",
+            "MIN",
+            "MAX",
+            "STRATEGY"
+        ));
+        for file in &files {
+            for p in &file.pools {
+                out.push_str(&format!(
+                    "  {:<8} {:<10} {:>5} {:>5} {:>8} {:>7} {:>7} {:>4} {:>4}  {}\n",
+                    file.pid,
+                    p.vm_type,
+                    p.idle,
+                    p.busy,
+                    p.warming,
+                    p.failed,
+                    p.served,
+                    p.min_idle,
+                    p.max_total,
+                    p.strategy
+                ));
+            }
+        }
+    }
+    out.push_str("Ready snapshots (restored by `kiln run`; `--cold` boots instead):\n");
+    let mut snapshots = Vec::new();
+    if let Ok(images) = std::fs::read_dir(data.join("images")) {
+        for image in images.flatten() {
+            let Ok(entries) = std::fs::read_dir(image.path().join("snapshots")) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let Ok(bytes) = std::fs::read(path.join("snapshot.json")) else {
+                    continue;
+                };
+                let Ok(meta) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+                    continue;
+                };
+                let size: u64 = std::fs::read_dir(&path)
+                    .map(|d| {
+                        d.flatten()
+                            .filter_map(|e| e.metadata().ok())
+                            .map(|m| m.len())
+                            .sum()
+                    })
+                    .unwrap_or(0);
+                snapshots.push(format!(
+                    "  {:<10} {:>2} vCPU {:>6} MiB RAM {:>6} MiB disk  {:<4} {:>5} MiB  {}\n",
+                    image.file_name().to_string_lossy(),
+                    meta["vcpus"],
+                    meta["memory_mib"],
+                    meta["disk_mib"],
+                    meta["accel"].as_str().unwrap_or("?"),
+                    size >> 20,
+                    path.display()
+                ));
+            }
+        }
+    }
+    snapshots.sort();
+    if snapshots.is_empty() {
+        out.push_str("  (none yet: the first `kiln run` of an image creates one)\n");
+    }
+    for line in snapshots {
+        out.push_str(&line);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,5 +334,55 @@ mod tests {
         other.insert("big".to_owned(), section(None, None, None));
         let err = resolve_pools(&other, &spec).expect_err("unknown type");
         assert!(err.to_string().contains("[pool.big]"), "{err}");
+    }
+
+    #[test]
+    fn status_lists_live_pools_and_stored_snapshots() {
+        let runtime = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let text = status_text(runtime.path(), data.path());
+        assert!(text.contains("(none: pools live"), "{text}");
+        assert!(text.contains("(none yet"), "{text}");
+        std::fs::create_dir_all(status_dir(runtime.path())).unwrap();
+        let line = PoolLine {
+            vm_type: "default".into(),
+            idle: 2,
+            busy: 1,
+            warming: 0,
+            failed: 3,
+            served: 9,
+            min_idle: 2,
+            max_total: 8,
+            strategy: "lru".into(),
+        };
+        let mine = StatusFile {
+            pid: std::process::id(),
+            pools: vec![line.clone()],
+        };
+        let gone = StatusFile {
+            pid: u32::MAX - 1,
+            pools: vec![line],
+        };
+        for (name, file) in [("a.json", &mine), ("b.json", &gone)] {
+            std::fs::write(
+                status_dir(runtime.path()).join(name),
+                serde_json::to_vec(file).unwrap(),
+            )
+            .unwrap();
+        }
+        let snap = data.path().join("images/default/snapshots/ready-1");
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::write(
+            snap.join("snapshot.json"),
+            r#"{"vcpus": 2, "memory_mib": 2048, "disk_mib": 8192, "accel": "tcg"}"#,
+        )
+        .unwrap();
+        let text = status_text(runtime.path(), data.path());
+        // The file of a process that is gone is ignored.
+        let rows: Vec<&str> = text.lines().filter(|l| l.ends_with("lru")).collect();
+        assert_eq!(rows.len(), 1, "{text}");
+        assert!(rows[0].contains(&std::process::id().to_string()), "{text}");
+        assert!(text.contains("2048 MiB RAM"), "{text}");
+        assert!(text.contains("tcg"), "{text}");
     }
 }

@@ -128,6 +128,7 @@ pub async fn run(file: &FileConfig, args: RunArgs) -> Result<u8, Exit> {
         metrics.clone(),
     )
     .map_err(usage)?;
+    let _pool_status = crate::pool::publish_status(&dirs.runtime, pooled.clone());
     let sessions = SessionManager::with_pools(
         pooled.clone(),
         SessionConfig {
@@ -418,12 +419,46 @@ fn print_plan(workflow: &Workflow, only: &[String]) -> Result<(), Exit> {
     Ok(())
 }
 
-/// `kiln doctor`.
+/// `kiln doctor`: each backend's availability and why, the host facts behind it, and a
+/// one-line verdict.
 pub async fn doctor(file: &FileConfig) -> Result<u8, Exit> {
     let dirs = Dirs::from_env();
-    println!("data dir:    {}", dirs.data.display());
-    println!("runtime dir: {}", dirs.runtime.display());
     let config = file.backend_config(&dirs, None).map_err(usage)?;
+    println!("data dir:     {}", dirs.data.display());
+    println!("runtime dir:  {}", dirs.runtime.display());
+    println!("free disk:    {}", free_space(&dirs.data));
+    let kvm = std::path::Path::new("/dev/kvm");
+    println!(
+        "/dev/kvm:     {}",
+        match std::fs::OpenOptions::new().read(true).write(true).open(kvm) {
+            Ok(_) => "present and openable (whether guests boot is decided by a probe boot)",
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => "absent",
+            Err(_) => "present but not accessible to this user",
+        }
+    );
+    let qemu = kiln_vm::qemu::missing_tools(&config.qemu()).map_or_else(
+        || "qemu-system-x86_64 and qemu-img found".to_owned(),
+        |missing| format!("missing: {missing}"),
+    );
+    println!("qemu:         {qemu}");
+    if let Some(version) = kiln_vm::qemu::qemu_version(&config.qemu()).await {
+        println!("qemu version: {version}");
+    }
+    match kiln_vm::image::list(&dirs.data) {
+        Ok(images) if images.is_empty() => {
+            println!("images:       none (build one with `kiln image build`)")
+        }
+        Ok(images) => {
+            let names: Vec<String> = images
+                .iter()
+                .map(|i| format!("{} (kernel {})", i.name(), i.manifest.kernel_version))
+                .collect();
+            println!("images:       {}", names.join(", "));
+        }
+        Err(e) => println!("images:       unreadable: {e}"),
+    }
+    println!();
+    let mut best = None;
     for kind in [
         BackendKind::Auto,
         BackendKind::Local,
@@ -431,18 +466,45 @@ pub async fn doctor(file: &FileConfig) -> Result<u8, Exit> {
         BackendKind::Firecracker,
     ] {
         match select_backend(kind, &config).await {
-            Ok(s) => println!(
-                "{kind:<12} -> {} ({}){}",
-                s.provider.name(),
-                s.reason,
-                if s.provider.isolates() {
-                    ""
-                } else {
-                    " — no isolation"
+            Ok(s) => {
+                println!(
+                    "{kind:<12} -> {} ({}){}",
+                    s.provider.name(),
+                    s.reason,
+                    if s.provider.isolates() {
+                        ""
+                    } else {
+                        " — no isolation"
+                    }
+                );
+                if kind == BackendKind::Auto {
+                    best = Some((s.provider.name(), s.provider.isolates()));
                 }
-            ),
+            }
             Err(e) => println!("{kind:<12} unavailable: {e}"),
         }
     }
+    println!();
+    match best {
+        Some((name, true)) => println!("verdict: ready — runs use the {name} backend (real VMs)"),
+        Some((name, false)) => println!(
+            "verdict: runs use the {name} backend WITHOUT isolation; install QEMU and run \
+             `kiln image build` for real VMs"
+        ),
+        None => println!("verdict: no backend works on this host"),
+    }
     Ok(exit::SUCCESS)
+}
+
+/// Free space on the file system holding `path` (or its nearest existing parent).
+fn free_space(path: &std::path::Path) -> String {
+    let existing = path.ancestors().find(|p| p.exists()).unwrap_or(path);
+    match rustix::fs::statvfs(existing) {
+        Ok(st) => format!(
+            "{:.1} GiB at {}",
+            (st.f_bavail * st.f_frsize) as f64 / (1u64 << 30) as f64,
+            existing.display()
+        ),
+        Err(e) => format!("unknown ({e})"),
+    }
 }
