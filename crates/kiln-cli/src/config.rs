@@ -69,6 +69,10 @@ struct RunnerSection {
     on_limit: Option<String>,
     snapshots: Option<String>,
     boot_timeout_seconds: Option<u64>,
+    /// Host ceiling on one VM's vCPUs (default: twice the host's CPUs).
+    max_vcpus: Option<u32>,
+    /// Host ceiling on one VM's memory (default: the host's memory).
+    max_memory_mib: Option<u32>,
 }
 
 /// `[qemu]`.
@@ -245,6 +249,8 @@ pub struct Settings {
     pub cold: bool,
     /// `--metrics-addr`.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The whole-run time limit (`[vm_types.NAME] timeout_minutes`).
+    pub run_timeout: Option<Duration>,
 }
 
 impl Settings {
@@ -290,9 +296,10 @@ impl Settings {
                 .and_then(|t| t.disk_mib)
                 .unwrap_or(defaults.disk_mib),
         };
-        // Labels and per-type timeouts map `runs-on` to VM types in a later version; they are
-        // accepted and validated here so that a config written for it already loads.
-        let _ = vm_type.map(|t| (&t.labels, t.timeout_minutes));
+        // Labels map `runs-on` to VM types in a later version; they are accepted and validated
+        // here so that a config written for it already loads.
+        let _ = vm_type.map(|t| &t.labels);
+        crate::pool::check_ceiling(&spec, runner.max_vcpus, runner.max_memory_mib)?;
         Ok(Settings {
             backend,
             isolation,
@@ -303,6 +310,9 @@ impl Settings {
             boot_timeout: runner.boot_timeout_seconds.map(Duration::from_secs),
             cold: args.cold,
             metrics_addr: args.metrics_addr,
+            run_timeout: vm_type
+                .and_then(|t| t.timeout_minutes)
+                .map(|m| Duration::from_secs(m.saturating_mul(60))),
         })
     }
 }

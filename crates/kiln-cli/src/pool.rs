@@ -96,6 +96,95 @@ pub async fn serve_metrics(
     Ok(tokio::spawn(metrics::serve(listener, metrics)))
 }
 
+/// Refuses, before anything starts, a VM larger than the host's ceiling: `[runner] max_vcpus`
+/// and `max_memory_mib`; by default twice the host's CPUs (vCPUs are threads that may
+/// share a core, and the default VM has 2 even on a 1-CPU host) and the host's memory.
+pub fn check_ceiling(
+    spec: &VmSpec,
+    max_vcpus: Option<u32>,
+    max_memory_mib: Option<u32>,
+) -> anyhow::Result<()> {
+    let host_vcpus = std::thread::available_parallelism()
+        .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+        .unwrap_or(1);
+    let (vcpus, vcpu_source) = match max_vcpus {
+        Some(n) => (n, "[runner] max_vcpus"),
+        None => (host_vcpus.saturating_mul(2), "twice this host's CPUs"),
+    };
+    if spec.vcpus > vcpus {
+        bail!(
+            "The VM type `{}` asks for {} vCPUs, above the ceiling of {vcpus} ({vcpu_source})",
+            spec.vm_type,
+            spec.vcpus
+        );
+    }
+    let (memory, memory_source) = match max_memory_mib {
+        Some(n) => (Some(n), "[runner] max_memory_mib"),
+        None => (host_memory_mib(), "this host's memory"),
+    };
+    if let Some(memory) = memory
+        && spec.memory_mib > memory
+    {
+        bail!(
+            "The VM type `{}` asks for {} MiB of memory, above the ceiling of {memory} MiB \
+             ({memory_source})",
+            spec.vm_type,
+            spec.memory_mib
+        );
+    }
+    Ok(())
+}
+
+/// `MemTotal` from `/proc/meminfo`, in MiB.
+fn host_memory_mib() -> Option<u32> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    u32::try_from(kib / 1024).ok()
+}
+
+/// A run's whole-run time limit: cancels the run's token when it expires (the executor then
+/// stops the run and releases its session). Dropping it disarms the timer.
+pub struct RunTimeLimit {
+    timer: Option<JoinHandle<()>>,
+}
+
+impl RunTimeLimit {
+    /// Arms the limit, if there is one, for run `run_id`.
+    pub fn start(
+        limit: Option<Duration>,
+        run_id: &str,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> RunTimeLimit {
+        let timer = limit.map(|limit| {
+            let (run_id, cancel) = (run_id.to_owned(), cancel.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(limit).await;
+                eprintln!(
+                    "run {run_id}: over its time limit of {} min; cancelling it",
+                    limit.as_secs() / 60
+                );
+                cancel.cancel();
+            })
+        });
+        RunTimeLimit { timer }
+    }
+}
+
+impl Drop for RunTimeLimit {
+    fn drop(&mut self) {
+        if let Some(timer) = self.timer.take() {
+            timer.abort();
+        }
+    }
+}
+
 /// How often a running kiln writes its pools' counts for `kiln pool status`.
 const PUBLISH_EVERY: Duration = Duration::from_millis(500);
 
@@ -384,5 +473,42 @@ mod tests {
         assert!(rows[0].contains(&std::process::id().to_string()), "{text}");
         assert!(text.contains("2048 MiB RAM"), "{text}");
         assert!(text.contains("tcg"), "{text}");
+    }
+
+    #[test]
+    fn vms_above_the_ceiling_are_refused_up_front() {
+        let spec = VmSpec {
+            vcpus: 4,
+            memory_mib: 4096,
+            ..VmSpec::default()
+        };
+        assert!(check_ceiling(&spec, Some(4), Some(4096)).is_ok());
+        let err = check_ceiling(&spec, Some(2), Some(8192)).expect_err("vcpus");
+        assert!(err.to_string().contains("4 vCPUs"), "{err}");
+        assert!(err.to_string().contains("[runner] max_vcpus"), "{err}");
+        let err = check_ceiling(&spec, Some(8), Some(1024)).expect_err("memory");
+        assert!(err.to_string().contains("4096 MiB"), "{err}");
+        let huge = VmSpec {
+            vcpus: 1,
+            memory_mib: u32::MAX,
+            ..VmSpec::default()
+        };
+        let err = check_ceiling(&huge, None, None).expect_err("more than the host has");
+        assert!(err.to_string().contains("this host's memory"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_run_over_its_time_limit_is_cancelled() {
+        let token = tokio_util::sync::CancellationToken::new();
+        let limit = RunTimeLimit::start(Some(Duration::from_millis(50)), "r", &token);
+        tokio::time::timeout(Duration::from_secs(5), token.cancelled())
+            .await
+            .expect("cancelled by the limit");
+        drop(limit);
+        let token = tokio_util::sync::CancellationToken::new();
+        let limit = RunTimeLimit::start(Some(Duration::from_millis(50)), "r", &token);
+        drop(limit);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(!token.is_cancelled(), "a dropped limit must not fire");
     }
 }

@@ -184,10 +184,12 @@ pub async fn run(file: &FileConfig, args: RunArgs) -> Result<u8, Exit> {
         };
         let events = EventSink::new(run_id.clone(), tx.clone());
         let executor = executor.clone();
-        let (cancel, abort) = (cancel.clone(), abort.clone());
+        let (cancel, abort) = (cancel.child_token(), abort.clone());
+        let limit = crate::pool::RunTimeLimit::start(settings.run_timeout, &run_id, &cancel);
         tasks.push((
             run_id,
             tokio::spawn(async move {
+                let _limit = limit;
                 tokio::select! {
                     r = executor.execute(&workflow, &options, &events, &cancel) => Some(r),
                     () = abort.cancelled() => None,
