@@ -9,7 +9,12 @@
 //! - 5-step workflow: a whole run through the executor (session, setup, file commands,
 //!   events, cleanup, release) — divided by 5 it is the per-step overhead;
 //! - with `KILN_BENCH_QEMU=1` and a built image: a cold QEMU VM (boot to agent ready) plus one
-//!   command and release, and one command through the guest agent.
+//!   command and release, and one command through the guest agent;
+//! - with `KILN_BENCH_QEMU=1` too: a session's VM allocation three ways, p50 and p95, as ratios
+//!   to the cold boot's median in the same run: cold boot, restore of the ready snapshot
+//!   (`source: snapshot`), and a hand-out from a warm pool (`source: pool`, the pool refilled
+//!   between samples as it is between sessions). `KILN_BENCH_ALLOC_N` sets the samples of each
+//!   (default 7 with `--bench`, 2 without).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -190,6 +195,96 @@ async fn qemu(baseline: Duration, runtime: PathBuf, n: usize) {
     }
     report("qemu cold allocate (boot to agent ready)", boots, baseline);
     report("qemu exec `true` through the agent", execs, baseline);
+    let n = std::env::var("KILN_BENCH_ALLOC_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if n > 1 { 7 } else { 2 });
+    allocation_sources(provider, n).await;
+}
+
+/// The p-th percentile (nearest rank) of sorted samples.
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// Cold boot, snapshot restore and pool hand-out of the default spec, as the session manager
+/// sees them (allocate through the provider), each released before the next sample.
+async fn allocation_sources(backend: Arc<dyn VmProvider>, n: usize) {
+    use kiln_runner::pool::{PoolConfig, PoolSettings, PooledProvider, Strategy};
+    let spec = VmSpec::default();
+    let one_shot = |snapshots| {
+        PooledProvider::new(
+            backend.clone(),
+            PoolSettings {
+                snapshots,
+                pools: Vec::new(),
+            },
+            None,
+        )
+        .expect("provider")
+    };
+    let (cold, restore) = (one_shot(false), one_shot(true));
+    let t = Instant::now();
+    backend.ready_snapshot(&spec).await.expect("ready snapshot");
+    println!(
+        "qemu ready snapshot found or created in {:.0} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    let pooled = PooledProvider::new(
+        backend.clone(),
+        PoolSettings {
+            snapshots: true,
+            pools: vec![(
+                spec.clone(),
+                PoolConfig {
+                    min_idle: 1,
+                    max_total: 2,
+                    strategy: Strategy::Fifo,
+                },
+            )],
+        },
+        None,
+    )
+    .expect("pool");
+    let pool = pooled.pool(&spec.vm_type).expect("pool").clone();
+    let mut rows: Vec<(&str, Vec<Duration>)> = Vec::new();
+    for (name, provider) in [("cold", &cold), ("snapshot", &restore), ("pool", &pooled)] {
+        let mut samples = Vec::new();
+        for _ in 0..n {
+            if name == "pool" {
+                while pool.status().idle == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            let t = Instant::now();
+            let allocation = provider.allocate(&spec).await.expect("allocate");
+            samples.push(t.elapsed());
+            assert_eq!(provider.source_of(allocation.vm.id()).as_str(), name);
+            provider.release(&*allocation.vm).await.expect("release");
+        }
+        samples.sort();
+        rows.push((name, samples));
+    }
+    pooled.shutdown().await;
+    let cold_p50 = percentile(&rows[0].1, 0.5).as_secs_f64();
+    println!(
+        "qemu allocation by source ({n} samples each, {}):",
+        if cfg!(debug_assertions) {
+            "debug build"
+        } else {
+            "release build"
+        }
+    );
+    for (name, samples) in &rows {
+        let (p50, p95) = (percentile(samples, 0.5), percentile(samples, 0.95));
+        println!(
+            "  {name:<9} p50 {:>10.3} ms  p95 {:>10.3} ms   cold/{name} at p50: {:>9.1}x",
+            p50.as_secs_f64() * 1e3,
+            p95.as_secs_f64() * 1e3,
+            cold_p50 / p50.as_secs_f64()
+        );
+    }
 }
 
 async fn vm_exec(vm: &dyn kiln_vm::Vm, tx: kiln_vm::OutputSink) {

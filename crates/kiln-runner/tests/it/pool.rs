@@ -94,6 +94,17 @@ async fn restored_vms_get_their_own_identity_clock_and_disk() {
     assert_ne!(a.vm.id(), b.vm.id());
     assert_eq!(sh(&*a.vm, "hostname").await, a.vm.id());
     assert_eq!(sh(&*b.vm, "hostname").await, b.vm.id());
+    // The restored guest has the snapshot's size, which is the spec's.
+    assert_eq!(sh(&*a.vm, "nproc").await, spec().vcpus.to_string());
+    let mem_kib: u64 = sh(&*a.vm, "awk '/^MemTotal:/ {print $2}' /proc/meminfo")
+        .await
+        .parse()
+        .expect("a number");
+    let mib = u64::from(spec().memory_mib);
+    assert!(
+        (mib * 1024 * 8 / 10..=mib * 1024).contains(&mem_kib),
+        "MemTotal {mem_kib} kB for {mib} MiB"
+    );
     let host_now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("after 1970")
