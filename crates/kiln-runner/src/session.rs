@@ -63,6 +63,12 @@
 //! - releasing: the release runs in its own task and finishes even if the caller goes away.
 //!
 //! A panic inside a backend's `allocate` marks the session `Failed` and returns its slot.
+//!
+//! # Where VMs come from
+//! A manager made [`with_pools`](SessionManager::with_pools) allocates through a
+//! [`PooledProvider`]: a warm pool, the ready snapshot, or a cold boot, and
+//! [`SessionGuard::source`] says which (the `session_allocated` event's `source`). Releasing
+//! goes through it too, so a pool VM is destroyed and its slot refilled, never reused.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
