@@ -420,7 +420,10 @@ mod tests {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }
         // A family with no samples yet is left out of the exposition.
-        assert!(!text.contains("workflow_execution_duration_seconds"), "{text}");
+        assert!(
+            !text.contains("workflow_execution_duration_seconds"),
+            "{text}"
+        );
         metrics.session_ended("qemu");
         assert!(
             metrics
