@@ -171,7 +171,7 @@ fn unsupported_options_are_rejected_not_ignored() {
     let out = env.run(&["run", "ok.yml", "--snapshots", "steps"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("not yet supported"));
-    let out = env.run(&["serve"]);
+    let out = env.run(&["worker"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("not yet supported"));
 }
