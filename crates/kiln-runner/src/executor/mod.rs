@@ -1752,12 +1752,7 @@ fn eval_env_object(
     ctx: &IndexMap<String, Value>,
     host: &StaticHost,
 ) -> Result<IndexMap<String, String>, String> {
-    let value = t
-        .eval_value(&EvalContext {
-            contexts: ctx,
-            host,
-        })
-        .map_err(|e| format!("{}: {e}", t.span()))?;
+    let value = eval_value(t, ctx, host)?;
     match value {
         Value::Object(map) => Ok(map
             .into_iter()
@@ -1778,13 +1773,7 @@ fn eval_bool(
 ) -> Result<bool, String> {
     match v {
         BoolOrExpr::Bool(b) => Ok(*b),
-        BoolOrExpr::Expr(t) => t
-            .eval_value(&EvalContext {
-                contexts: ctx,
-                host,
-            })
-            .map(|v| v.is_truthy())
-            .map_err(|e| e.to_string()),
+        BoolOrExpr::Expr(t) => eval_value(t, ctx, host).map(|v| v.is_truthy()),
     }
 }
 
@@ -1795,13 +1784,7 @@ fn eval_minutes(
 ) -> Option<Duration> {
     let minutes = match v {
         NumberOrExpr::Number(n) => *n,
-        NumberOrExpr::Expr(t) => t
-            .eval_value(&EvalContext {
-                contexts: ctx,
-                host,
-            })
-            .ok()?
-            .to_number(),
+        NumberOrExpr::Expr(t) => eval_value(t, ctx, host).ok()?.to_number(),
     };
     (minutes.is_finite() && minutes > 0.0).then(|| Duration::from_secs_f64(minutes * 60.0))
 }
