@@ -5,7 +5,7 @@ use std::time::Duration;
 use kiln_store::{RunFilter, RunResult, RunStatus};
 use reqwest::Method;
 
-use crate::support::{Harness, Options, Repo, push_payload, wait_for};
+use crate::support::{Harness, Options, Repo, push_payload, wait_for, wait_for_event};
 
 const SLOW_WORKFLOW: &str = r#"name: Slow
 on:
@@ -230,20 +230,8 @@ async fn cancel_stops_a_running_run() {
             .status(),
         202
     );
-    let store = h.store.clone();
-    wait_for("the sleep step", Duration::from_secs(30), || {
-        let store = store.clone();
-        async move {
-            let Some(run) = store.list(&RunFilter::default()).await.expect("list").pop() else {
-                return false;
-            };
-            store
-                .events(&run.id, 0, 1000)
-                .await
-                .expect("events")
-                .iter()
-                .any(|e| e.body.contains("\"step_started\"") && e.body.contains("sleep 120"))
-        }
+    wait_for_event(&h.store, "the sleep step", |body| {
+        body.contains("\"step_started\"") && body.contains("sleep 120")
     })
     .await;
     let run = h

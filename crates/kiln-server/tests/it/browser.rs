@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use kiln_store::{RunFilter, RunStatus};
 use serde_json::{Value, json};
 
-use crate::support::{API_TOKEN, Harness, Options, Repo, push_payload, wait_for};
+use crate::support::{API_TOKEN, Harness, Options, Repo, push_payload, wait_for, wait_for_event};
 
 const TICKING: &str = r#"name: Ticking
 on: push
@@ -170,20 +170,8 @@ async fn runs_list_and_live_run_page_in_headless_chromium() {
             .status(),
         202
     );
-    let store = h.store.clone();
-    wait_for("the run to start ticking", Duration::from_secs(30), || {
-        let store = store.clone();
-        async move {
-            let Some(run) = store.list(&RunFilter::default()).await.expect("list").pop() else {
-                return false;
-            };
-            store
-                .events(&run.id, 0, 1000)
-                .await
-                .expect("events")
-                .iter()
-                .any(|e| e.body.contains("tick 1"))
-        }
+    wait_for_event(&h.store, "the run to start ticking", |body| {
+        body.contains("tick 1")
     })
     .await;
     let run = h

@@ -9,7 +9,7 @@ use kiln_store::{NewRun, RunFilter, RunResult, RunStatus, RunStore, SqliteStore}
 
 use crate::support::{
     CI_WORKFLOW, FakeGitHub, GITHUB_TOKEN, Harness, Options, PR_WORKFLOW, Repo, push_payload,
-    wait_for,
+    wait_for, wait_for_event,
 };
 
 async fn finished_runs(store: &Arc<dyn RunStore>) -> Vec<kiln_store::RunRecord> {
@@ -356,20 +356,8 @@ async fn cancel_in_progress_cancels_the_older_run_of_the_group() {
             .status(),
         202
     );
-    let store = h.store.clone();
-    wait_for("the old run to deploy", Duration::from_secs(30), || {
-        let store = store.clone();
-        async move {
-            let Some(run) = store.list(&RunFilter::default()).await.expect("list").pop() else {
-                return false;
-            };
-            store
-                .events(&run.id, 0, 1000)
-                .await
-                .expect("events")
-                .iter()
-                .any(|e| e.body.contains("deploying old"))
-        }
+    wait_for_event(&h.store, "the old run to deploy", |body| {
+        body.contains("deploying old")
     })
     .await;
     let new = repo.commit("new");

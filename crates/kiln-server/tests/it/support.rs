@@ -16,7 +16,7 @@ use kiln_runner::executor::{Isolation, WorkflowExecutor};
 use kiln_runner::session::{SessionConfig, SessionManager};
 use kiln_server::signature::sign_github;
 use kiln_server::{Runner, Secrets, Server, ServerConfig};
-use kiln_store::{RunStore, SqliteStore};
+use kiln_store::{RunFilter, RunStore, SqliteStore};
 use kiln_vm::{VmProvider, VmSpec};
 
 pub const WEBHOOK_SECRET: &str = "webhook-secret";
@@ -347,6 +347,29 @@ impl Harness {
         );
         response.json().await.expect("json")
     }
+}
+
+/// Waits until the oldest run in the store has an event whose JSON satisfies `matches`.
+pub async fn wait_for_event(
+    store: &Arc<dyn RunStore>,
+    what: &str,
+    matches: impl Fn(&str) -> bool + Copy,
+) {
+    wait_for(what, Duration::from_secs(30), || {
+        let store = store.clone();
+        async move {
+            let Some(run) = store.list(&RunFilter::default()).await.expect("list").pop() else {
+                return false;
+            };
+            store
+                .events(&run.id, 0, 1000)
+                .await
+                .expect("events")
+                .iter()
+                .any(|e| matches(&e.body))
+        }
+    })
+    .await;
 }
 
 /// Polls an async condition every 50 ms until it holds; panics naming `what` after `limit`.
