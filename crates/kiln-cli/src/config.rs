@@ -4,12 +4,16 @@
 //! [`Settings`] is the checked value the rest of the binary uses.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use indexmap::IndexMap;
 use kiln_runner::executor::Isolation;
 use kiln_runner::session::OnLimit;
+use kiln_runner::vm_types::{
+    DEFAULT_TYPE, Quota, VmConfig, VmType, VmTypes, normalize_workflow_key,
+};
 use kiln_vm::{BackendConfig, BackendKind, VmSpec};
 use serde::Deserialize;
 
@@ -27,6 +31,8 @@ pub struct FileConfig {
     vm_types: IndexMap<String, VmTypeSection>,
     #[serde(default)]
     pool: IndexMap<String, PoolSection>,
+    #[serde(default)]
+    workflows: IndexMap<String, WorkflowSection>,
     #[serde(default)]
     qemu: QemuSection,
     #[serde(default)]
@@ -73,6 +79,8 @@ struct RunnerSection {
     max_vcpus: Option<u32>,
     /// Host ceiling on one VM's memory (default: the host's memory).
     max_memory_mib: Option<u32>,
+    /// Host ceiling on one VM's disk (default: none).
+    max_disk_mib: Option<u32>,
 }
 
 /// `[qemu]`.
@@ -112,12 +120,25 @@ pub struct PoolSection {
     pub strategy: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// `[vm_types.NAME]`: a VM type that `runs-on` labels select (see `kiln_runner::vm_types`).
+/// Keys left out are taken from `[vm_types.default]`, then from the built-in default.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct VmTypeSection {
     #[serde(default)]
     labels: Vec<String>,
     image: Option<String>,
+    vcpus: Option<u32>,
+    memory_mib: Option<u32>,
+    disk_mib: Option<u32>,
+    timeout_minutes: Option<u64>,
+}
+
+/// `[workflows."PATH"]`: the quota of one workflow's runs, overriding its jobs' VM types. PATH
+/// is the workflow file relative to the repository root (`.github/workflows/ci.yml`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkflowSection {
     vcpus: Option<u32>,
     memory_mib: Option<u32>,
     disk_mib: Option<u32>,
@@ -239,8 +260,10 @@ pub struct Settings {
     pub max_sessions: usize,
     /// At the limit.
     pub on_limit: OnLimit,
-    /// The VM to ask for.
+    /// The `default` VM type's VM.
     pub spec: VmSpec,
+    /// The VM types `runs-on` selects and the per-workflow quotas, all within the ceilings.
+    pub vms: Arc<VmConfig>,
     /// Until the guest agent answers (`None`: the backend's default).
     pub boot_timeout: Option<Duration>,
     /// `[pool.*]`, checked.
@@ -249,8 +272,6 @@ pub struct Settings {
     pub cold: bool,
     /// `--metrics-addr`.
     pub metrics_addr: Option<std::net::SocketAddr>,
-    /// The whole-run time limit (`[vm_types.NAME] timeout_minutes`).
-    pub run_timeout: Option<Duration>,
 }
 
 impl Settings {
@@ -278,42 +299,130 @@ impl Settings {
             ),
             other => bail!("--snapshots: unknown value `{other}` (expected off or steps)"),
         }
-        let vm_type = file.vm_types.get("default");
-        let image = args
-            .image
-            .clone()
-            .or_else(|| vm_type.and_then(|t| t.image.clone()))
-            .unwrap_or_else(|| "default".to_owned());
-        let defaults = VmSpec::default();
-        let spec = VmSpec {
-            vm_type: "default".to_owned(),
-            image,
-            vcpus: vm_type.and_then(|t| t.vcpus).unwrap_or(defaults.vcpus),
-            memory_mib: vm_type
-                .and_then(|t| t.memory_mib)
-                .unwrap_or(defaults.memory_mib),
-            disk_mib: vm_type
-                .and_then(|t| t.disk_mib)
-                .unwrap_or(defaults.disk_mib),
-        };
-        // Labels map `runs-on` to VM types in a later version; they are accepted and validated
-        // here so that a config written for it already loads.
-        let _ = vm_type.map(|t| &t.labels);
-        crate::pool::check_ceiling(&spec, runner.max_vcpus, runner.max_memory_mib)?;
+        let vms = vm_config(file, args.image.as_deref())?;
+        let spec = vms.types.default_type().spec.clone();
         Ok(Settings {
             backend,
             isolation,
             max_sessions,
             on_limit,
-            pools: crate::pool::resolve_pools(&file.pool, &spec)?,
+            pools: crate::pool::resolve_pools(&file.pool, &vms.types)?,
             spec,
+            vms: Arc::new(vms),
             boot_timeout: runner.boot_timeout_seconds.map(Duration::from_secs),
             cold: args.cold,
             metrics_addr: args.metrics_addr,
-            run_timeout: vm_type
-                .and_then(|t| t.timeout_minutes)
-                .map(|m| Duration::from_secs(m.saturating_mul(60))),
         })
+    }
+}
+
+/// `[vm_types.*]` and `[workflows.*]`, checked against each other and the host's ceilings.
+/// `image` (`--image`) replaces every type's image.
+fn vm_config(file: &FileConfig, image: Option<&str>) -> anyhow::Result<VmConfig> {
+    let runner = &file.runner;
+    let ceiling = crate::pool::Ceiling::from_config(
+        runner.max_vcpus,
+        runner.max_memory_mib,
+        runner.max_disk_mib,
+    );
+    let builtin = VmSpec::default();
+    let base = file.vm_types.get(DEFAULT_TYPE).cloned().unwrap_or_default();
+    let mut types = Vec::new();
+    let named = std::iter::once((DEFAULT_TYPE, &base)).chain(
+        file.vm_types
+            .iter()
+            .filter(|(name, _)| *name != DEFAULT_TYPE)
+            .map(|(name, section)| (name.as_str(), section)),
+    );
+    for (name, section) in named {
+        let key = format!("[vm_types.{name}]");
+        if name.is_empty() || name.chars().any(|c| c.is_whitespace()) {
+            bail!("{key}: a VM type's name must be one word");
+        }
+        let spec = VmSpec {
+            vm_type: name.to_owned(),
+            image: image
+                .map(str::to_owned)
+                .or_else(|| section.image.clone())
+                .or_else(|| base.image.clone())
+                .unwrap_or(builtin.image.clone()),
+            vcpus: section.vcpus.or(base.vcpus).unwrap_or(builtin.vcpus),
+            memory_mib: section
+                .memory_mib
+                .or(base.memory_mib)
+                .unwrap_or(builtin.memory_mib),
+            disk_mib: section
+                .disk_mib
+                .or(base.disk_mib)
+                .unwrap_or(builtin.disk_mib),
+        };
+        check_sizes(&key, spec.vcpus, spec.memory_mib, spec.disk_mib)?;
+        ceiling.check(&key, &spec)?;
+        if let Some(label) = section.labels.iter().find(|l| l.trim().is_empty()) {
+            bail!("{key} labels: an empty label `{label}`");
+        }
+        types.push(VmType {
+            spec,
+            labels: section.labels.clone(),
+            timeout: minutes(&key, section.timeout_minutes.or(base.timeout_minutes))?,
+        });
+    }
+    let types = VmTypes::new(types);
+    let mut quotas = IndexMap::new();
+    for (path, section) in &file.workflows {
+        let key = format!("[workflows.\"{path}\"]");
+        let normalized = normalize_workflow_key(path);
+        if normalized.is_empty() || normalized.starts_with('/') {
+            bail!(
+                "{key}: the key is the workflow file's path relative to the repository root, \
+                 e.g. \".github/workflows/ci.yml\""
+            );
+        }
+        let quota = Quota {
+            vcpus: section.vcpus,
+            memory_mib: section.memory_mib,
+            disk_mib: section.disk_mib,
+            timeout: minutes(&key, section.timeout_minutes)?,
+        };
+        check_sizes(
+            &key,
+            quota.vcpus.unwrap_or(1),
+            quota.memory_mib.unwrap_or(MIN_MEMORY_MIB),
+            quota.disk_mib.unwrap_or(MIN_DISK_MIB),
+        )?;
+        for ty in types.with_quota(&quota).types() {
+            ceiling
+                .check(&key, &ty.spec)
+                .with_context(|| format!("with the VM type `{}`", ty.name()))?;
+        }
+        quotas.insert(normalized, quota);
+    }
+    Ok(VmConfig { types, quotas })
+}
+
+/// The smallest memory a guest kernel and the agent run in.
+const MIN_MEMORY_MIB: u32 = 128;
+/// The smallest disk: the image's files must fit.
+const MIN_DISK_MIB: u32 = 256;
+
+fn check_sizes(key: &str, vcpus: u32, memory_mib: u32, disk_mib: u32) -> anyhow::Result<()> {
+    if vcpus == 0 {
+        bail!("{key} vcpus: must be at least 1");
+    }
+    if memory_mib < MIN_MEMORY_MIB {
+        bail!("{key} memory_mib = {memory_mib}: must be at least {MIN_MEMORY_MIB}");
+    }
+    if disk_mib < MIN_DISK_MIB {
+        bail!("{key} disk_mib = {disk_mib}: must be at least {MIN_DISK_MIB}");
+    }
+    Ok(())
+}
+
+fn minutes(key: &str, minutes: Option<u64>) -> anyhow::Result<Option<Duration>> {
+    match minutes {
+        Some(0) => bail!("{key} timeout_minutes: must be at least 1"),
+        Some(m) => Ok(Some(Duration::from_secs(m.saturating_mul(60)))),
+        None => Ok(None),
     }
 }
 

@@ -15,6 +15,7 @@ use clap::Subcommand;
 use indexmap::IndexMap;
 use kiln_runner::metrics::{self, Metrics};
 use kiln_runner::pool::{PoolConfig, PoolSettings, PoolStatus, PooledProvider, Strategy};
+use kiln_runner::vm_types::VmTypes;
 use kiln_vm::{VmProvider, VmSpec};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
@@ -34,20 +35,23 @@ pub enum PoolCommand {
 const DEFAULT_MIN_IDLE: usize = 2;
 const DEFAULT_MAX_TOTAL: usize = 8;
 
-/// The checked `[pool.NAME]` sections. Runs use the `default` VM type (`runs-on` labels do not
-/// select VM types yet), so only `[pool.default]` is accepted.
+/// The checked `[pool.NAME]` sections: each NAME must be a VM type, whose VM the pool keeps
+/// warm. (A run whose workflow has a quota asks for another size: it restores the ready
+/// snapshot or boots instead.)
 pub fn resolve_pools(
     sections: &IndexMap<String, PoolSection>,
-    default_spec: &VmSpec,
+    types: &VmTypes,
 ) -> anyhow::Result<Vec<(VmSpec, PoolConfig)>> {
     let mut pools = Vec::new();
     for (name, section) in sections {
-        if *name != default_spec.vm_type {
+        let Some(ty) = types.types().iter().find(|t| t.name() == name) else {
+            let known: Vec<&str> = types.types().iter().map(|t| t.name()).collect();
             bail!(
-                "[pool.{name}]: only the `{}` VM type can have a pool in this version",
-                default_spec.vm_type
+                "[pool.{name}]: there is no VM type `{name}` (VM types: {}); a pool is named \
+                 after the [vm_types.NAME] it keeps warm",
+                known.join(", ")
             );
-        }
+        };
         let strategy = match &section.strategy {
             Some(s) => s
                 .parse::<Strategy>()
@@ -63,7 +67,7 @@ pub fn resolve_pools(
         config
             .validate()
             .with_context(|| format!("[pool.{name}]"))?;
-        pools.push((default_spec.clone(), config));
+        pools.push((ty.spec.clone(), config));
     }
     Ok(pools)
 }
@@ -96,43 +100,67 @@ pub async fn serve_metrics(
     Ok(tokio::spawn(metrics::serve(listener, metrics)))
 }
 
-/// Refuses, before anything starts, a VM larger than the host's ceiling: `[runner] max_vcpus`
-/// and `max_memory_mib`; by default twice the host's CPUs (vCPUs are threads that may
-/// share a core, and the default VM has 2 even on a 1-CPU host) and the host's memory.
-pub fn check_ceiling(
-    spec: &VmSpec,
-    max_vcpus: Option<u32>,
-    max_memory_mib: Option<u32>,
-) -> anyhow::Result<()> {
-    let host_vcpus = std::thread::available_parallelism()
-        .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
-        .unwrap_or(1);
-    let (vcpus, vcpu_source) = match max_vcpus {
-        Some(n) => (n, "[runner] max_vcpus"),
-        None => (host_vcpus.saturating_mul(2), "twice this host's CPUs"),
-    };
-    if spec.vcpus > vcpus {
-        bail!(
-            "The VM type `{}` asks for {} vCPUs, above the ceiling of {vcpus} ({vcpu_source})",
-            spec.vm_type,
-            spec.vcpus
-        );
+/// The host's ceiling on any one VM: `[runner] max_vcpus`, `max_memory_mib` and
+/// `max_disk_mib`; by default twice the host's CPUs (vCPUs are threads that may share a core,
+/// and the default VM has 2 even on a 1-CPU host), the host's memory, and no disk limit.
+/// Checked for every VM type and quota when the config is read, before anything starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ceiling {
+    vcpus: (u32, &'static str),
+    memory_mib: Option<(u32, &'static str)>,
+    disk_mib: Option<(u32, &'static str)>,
+}
+
+impl Ceiling {
+    /// The ceiling from the `[runner]` keys, with the host's defaults for those left out.
+    pub fn from_config(
+        max_vcpus: Option<u32>,
+        max_memory_mib: Option<u32>,
+        max_disk_mib: Option<u32>,
+    ) -> Ceiling {
+        let host_vcpus = std::thread::available_parallelism()
+            .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+            .unwrap_or(1);
+        Ceiling {
+            vcpus: match max_vcpus {
+                Some(n) => (n, "[runner] max_vcpus"),
+                None => (host_vcpus.saturating_mul(2), "twice this host's CPUs"),
+            },
+            memory_mib: match max_memory_mib {
+                Some(n) => Some((n, "[runner] max_memory_mib")),
+                None => host_memory_mib().map(|n| (n, "this host's memory")),
+            },
+            disk_mib: max_disk_mib.map(|n| (n, "[runner] max_disk_mib")),
+        }
     }
-    let (memory, memory_source) = match max_memory_mib {
-        Some(n) => (Some(n), "[runner] max_memory_mib"),
-        None => (host_memory_mib(), "this host's memory"),
-    };
-    if let Some(memory) = memory
-        && spec.memory_mib > memory
-    {
-        bail!(
-            "The VM type `{}` asks for {} MiB of memory, above the ceiling of {memory} MiB \
-             ({memory_source})",
-            spec.vm_type,
-            spec.memory_mib
-        );
+
+    /// Refuses `spec`, configured at `key` (`[vm_types.big]`), when it is above the ceiling.
+    pub fn check(&self, key: &str, spec: &VmSpec) -> anyhow::Result<()> {
+        let (vcpus, source) = self.vcpus;
+        if spec.vcpus > vcpus {
+            bail!(
+                "{key} vcpus = {}: above the ceiling of {vcpus} vCPUs ({source})",
+                spec.vcpus
+            );
+        }
+        if let Some((memory, source)) = self.memory_mib
+            && spec.memory_mib > memory
+        {
+            bail!(
+                "{key} memory_mib = {}: above the ceiling of {memory} MiB ({source})",
+                spec.memory_mib
+            );
+        }
+        if let Some((disk, source)) = self.disk_mib
+            && spec.disk_mib > disk
+        {
+            bail!(
+                "{key} disk_mib = {}: above the ceiling of {disk} MiB ({source})",
+                spec.disk_mib
+            );
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// `MemTotal` from `/proc/meminfo`, in MiB.
@@ -147,42 +175,6 @@ fn host_memory_mib() -> Option<u32> {
         .parse()
         .ok()?;
     u32::try_from(kib / 1024).ok()
-}
-
-/// A run's whole-run time limit: cancels the run's token when it expires (the executor then
-/// stops the run and releases its session). Dropping it disarms the timer.
-pub struct RunTimeLimit {
-    timer: Option<JoinHandle<()>>,
-}
-
-impl RunTimeLimit {
-    /// Arms the limit, if there is one, for run `run_id`.
-    pub fn start(
-        limit: Option<Duration>,
-        run_id: &str,
-        cancel: &tokio_util::sync::CancellationToken,
-    ) -> RunTimeLimit {
-        let timer = limit.map(|limit| {
-            let (run_id, cancel) = (run_id.to_owned(), cancel.clone());
-            tokio::spawn(async move {
-                tokio::time::sleep(limit).await;
-                eprintln!(
-                    "run {run_id}: over its time limit of {} min; cancelling it",
-                    limit.as_secs() / 60
-                );
-                cancel.cancel();
-            })
-        });
-        RunTimeLimit { timer }
-    }
-}
-
-impl Drop for RunTimeLimit {
-    fn drop(&mut self) {
-        if let Some(timer) = self.timer.take() {
-            timer.abort();
-        }
-    }
 }
 
 /// How often a running kiln writes its pools' counts for `kiln pool status`.
@@ -401,10 +393,19 @@ mod tests {
 
     #[test]
     fn pool_sections_resolve_with_defaults_and_checks() {
-        let spec = VmSpec::default();
+        let big = VmSpec {
+            vm_type: "big".into(),
+            vcpus: 8,
+            ..VmSpec::default()
+        };
+        let types = VmTypes::new(vec![kiln_runner::vm_types::VmType {
+            spec: big.clone(),
+            labels: Vec::new(),
+            timeout: None,
+        }]);
         let mut sections = IndexMap::new();
         sections.insert("default".to_owned(), section(Some(1), None, Some("lru")));
-        let pools = resolve_pools(&sections, &spec).expect("valid");
+        let pools = resolve_pools(&sections, &types).expect("valid");
         assert_eq!(
             pools[0].1,
             PoolConfig {
@@ -413,16 +414,22 @@ mod tests {
                 strategy: Strategy::Lru
             }
         );
+        assert_eq!(pools[0].0, VmSpec::default());
         sections.insert("default".to_owned(), section(Some(3), Some(2), None));
-        let err = resolve_pools(&sections, &spec).expect_err("min above max");
+        let err = resolve_pools(&sections, &types).expect_err("min above max");
         assert!(format!("{err:#}").contains("min_idle = 3"), "{err:#}");
         sections.insert("default".to_owned(), section(None, None, Some("lifo")));
-        let err = resolve_pools(&sections, &spec).expect_err("bad strategy");
+        let err = resolve_pools(&sections, &types).expect_err("bad strategy");
         assert!(format!("{err:#}").contains("lifo"), "{err:#}");
+        // A pool for another VM type keeps that type's VM warm.
         let mut other = IndexMap::new();
         other.insert("big".to_owned(), section(None, None, None));
-        let err = resolve_pools(&other, &spec).expect_err("unknown type");
-        assert!(err.to_string().contains("[pool.big]"), "{err}");
+        let pools = resolve_pools(&other, &types).expect("big is a type");
+        assert_eq!(pools[0].0, big);
+        other.insert("huge".to_owned(), section(None, None, None));
+        let err = resolve_pools(&other, &types).expect_err("unknown type");
+        assert!(err.to_string().contains("[pool.huge]"), "{err}");
+        assert!(err.to_string().contains("default, big"), "{err}");
     }
 
     #[test]
@@ -480,35 +487,40 @@ mod tests {
         let spec = VmSpec {
             vcpus: 4,
             memory_mib: 4096,
+            disk_mib: 2048,
             ..VmSpec::default()
         };
-        assert!(check_ceiling(&spec, Some(4), Some(4096)).is_ok());
-        let err = check_ceiling(&spec, Some(2), Some(8192)).expect_err("vcpus");
-        assert!(err.to_string().contains("4 vCPUs"), "{err}");
-        assert!(err.to_string().contains("[runner] max_vcpus"), "{err}");
-        let err = check_ceiling(&spec, Some(8), Some(1024)).expect_err("memory");
-        assert!(err.to_string().contains("4096 MiB"), "{err}");
+        let key = "[vm_types.big]";
+        let fits = Ceiling::from_config(Some(4), Some(4096), Some(2048));
+        assert!(fits.check(key, &spec).is_ok());
+        let err = Ceiling::from_config(Some(2), Some(8192), None)
+            .check(key, &spec)
+            .expect_err("vcpus");
+        assert_eq!(
+            err.to_string(),
+            "[vm_types.big] vcpus = 4: above the ceiling of 2 vCPUs ([runner] max_vcpus)"
+        );
+        let err = Ceiling::from_config(Some(8), Some(1024), None)
+            .check(key, &spec)
+            .expect_err("memory");
+        assert!(err.to_string().contains("memory_mib = 4096"), "{err}");
+        assert!(err.to_string().contains("[runner] max_memory_mib"), "{err}");
+        let err = Ceiling::from_config(Some(8), None, Some(1024))
+            .check(key, &spec)
+            .expect_err("disk");
+        assert!(
+            err.to_string()
+                .contains("disk_mib = 2048: above the ceiling of 1024 MiB ([runner] max_disk_mib)"),
+            "{err}"
+        );
         let huge = VmSpec {
             vcpus: 1,
             memory_mib: u32::MAX,
             ..VmSpec::default()
         };
-        let err = check_ceiling(&huge, None, None).expect_err("more than the host has");
+        let err = Ceiling::from_config(None, None, None)
+            .check(key, &huge)
+            .expect_err("more than the host has");
         assert!(err.to_string().contains("this host's memory"), "{err}");
-    }
-
-    #[tokio::test]
-    async fn a_run_over_its_time_limit_is_cancelled() {
-        let token = tokio_util::sync::CancellationToken::new();
-        let limit = RunTimeLimit::start(Some(Duration::from_millis(50)), "r", &token);
-        tokio::time::timeout(Duration::from_secs(5), token.cancelled())
-            .await
-            .expect("cancelled by the limit");
-        drop(limit);
-        let token = tokio_util::sync::CancellationToken::new();
-        let limit = RunTimeLimit::start(Some(Duration::from_millis(50)), "r", &token);
-        drop(limit);
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        assert!(!token.is_cancelled(), "a dropped limit must not fire");
     }
 }

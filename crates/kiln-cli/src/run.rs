@@ -1,5 +1,6 @@
 //! `kiln run`, `kiln doctor` and `kiln image`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::anyhow;
@@ -41,10 +42,16 @@ pub async fn run(file: &FileConfig, args: RunArgs) -> Result<u8, Exit> {
         payload: context.event_payload.clone(),
         changed_files: None,
     };
+    let root = workspace_root(&args)?;
+    // Each workflow with the VM types of its runs (its `[workflows."PATH"]` quota applied).
     let mut workflows: Vec<Workflow> = Vec::new();
+    let mut vm_types = Vec::new();
     for path in discover(&args.path)? {
         let workflow = load(&path)?;
         if single || workflow.on.matches(&event) {
+            vm_types.push(Arc::new(
+                settings.vms.for_workflow(&workflow_key(&root, &path)),
+            ));
             workflows.push(workflow);
         }
     }
@@ -170,7 +177,7 @@ pub async fn run(file: &FileConfig, args: RunArgs) -> Result<u8, Exit> {
     });
 
     let mut tasks = Vec::new();
-    for (workflow, inputs) in workflows.into_iter().zip(inputs) {
+    for ((workflow, inputs), vm_types) in workflows.into_iter().zip(inputs).zip(vm_types) {
         let run_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let mut context = context.clone();
         context.inputs = inputs;
@@ -178,6 +185,7 @@ pub async fn run(file: &FileConfig, args: RunArgs) -> Result<u8, Exit> {
             run_id: run_id.clone(),
             isolation: settings.isolation,
             spec: settings.spec.clone(),
+            vm_types: Some(vm_types),
             context,
             only_jobs: args.jobs.clone(),
             matrix_filter: matrix_filter.clone(),
@@ -185,11 +193,9 @@ pub async fn run(file: &FileConfig, args: RunArgs) -> Result<u8, Exit> {
         let events = EventSink::new(run_id.clone(), tx.clone());
         let executor = executor.clone();
         let (cancel, abort) = (cancel.child_token(), abort.clone());
-        let limit = crate::pool::RunTimeLimit::start(settings.run_timeout, &run_id, &cancel);
         tasks.push((
             run_id,
             tokio::spawn(async move {
-                let _limit = limit;
                 tokio::select! {
                     r = executor.execute(&workflow, &options, &events, &cancel) => Some(r),
                     () = abort.cancelled() => None,
@@ -326,12 +332,33 @@ async fn watch_interrupts(cancel: CancellationToken, abort: CancellationToken) {
     }
 }
 
-fn run_context(args: &RunArgs) -> Result<RunContext, Exit> {
-    let workspace_dir = if args.path.is_dir() {
-        args.path.clone()
+/// The repository root of a run: the directory PATH names, else the current directory.
+fn workspace_root(args: &RunArgs) -> Result<std::path::PathBuf, Exit> {
+    if args.path.is_dir() {
+        Ok(args.path.clone())
     } else {
-        std::env::current_dir().map_err(|e| usage(anyhow!("No current directory: {e}")))?
+        std::env::current_dir().map_err(|e| usage(anyhow!("No current directory: {e}")))
+    }
+}
+
+/// A workflow file's `[workflows."PATH"]` key: its path relative to the repository root (as
+/// given when it is outside it).
+fn workflow_key(root: &std::path::Path, file: &std::path::Path) -> String {
+    let absolute = |p: &std::path::Path| {
+        std::fs::canonicalize(p)
+            .or_else(|_| std::path::absolute(p))
+            .unwrap_or_else(|_| p.to_path_buf())
     };
+    let file_abs = absolute(file);
+    let relative = file_abs
+        .strip_prefix(absolute(root))
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(|_| file.to_path_buf());
+    relative.to_string_lossy().into_owned()
+}
+
+fn run_context(args: &RunArgs) -> Result<RunContext, Exit> {
+    let workspace_dir = workspace_root(args)?;
     let git = GitInfo::discover(&workspace_dir);
     let mut context = RunContext::new(args.event.clone(), Some(workspace_dir), git);
     if let Some(path) = &args.event_path {

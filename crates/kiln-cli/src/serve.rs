@@ -115,6 +115,7 @@ pub async fn serve(file: &FileConfig, args: ServeArgs) -> Result<u8, Exit> {
         executor: WorkflowExecutor::new(sessions.clone()),
         isolation: settings.isolation,
         spec: settings.spec.clone(),
+        vms: Some(settings.vms.clone()),
     };
     let store = SqliteStore::open(&database)
         .await

@@ -136,6 +136,7 @@ async fn main() {
             run_id: format!("bench-{i}"),
             isolation: Isolation::Workflow,
             spec: VmSpec::default(),
+            vm_types: None,
             context: RunContext::new(
                 "push",
                 Some(workspace.path().to_path_buf()),

@@ -14,4 +14,5 @@ pub mod executor;
 pub mod metrics;
 pub mod pool;
 pub mod session;
+pub mod vm_types;
 pub mod workspace;

@@ -126,8 +126,11 @@ pub struct Runner {
     pub executor: WorkflowExecutor,
     /// Session granularity.
     pub isolation: Isolation,
-    /// The VM every run asks for.
+    /// The VM every run asks for, when `vms` is `None`.
     pub spec: VmSpec,
+    /// The VM types jobs' `runs-on` selects, and per-workflow quotas (keyed by the workflow
+    /// file's path in the repository).
+    pub vms: Option<Arc<kiln_runner::vm_types::VmConfig>>,
 }
 
 /// Server errors at start.

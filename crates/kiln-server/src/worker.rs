@@ -199,6 +199,11 @@ async fn prepare_and_run(
         run_id: run.id.clone(),
         isolation: shared.runner.isolation,
         spec: shared.runner.spec.clone(),
+        vm_types: shared
+            .runner
+            .vms
+            .as_ref()
+            .map(|vms| std::sync::Arc::new(vms.for_workflow(&spec.workflow_file))),
         context,
         only_jobs: Vec::new(),
         matrix_filter: Vec::new(),

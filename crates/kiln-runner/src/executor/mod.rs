@@ -26,6 +26,7 @@ mod git;
 mod hash;
 mod reusable;
 mod shell;
+mod vms;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -83,8 +84,11 @@ pub struct RunOptions {
     pub run_id: String,
     /// Session granularity.
     pub isolation: Isolation,
-    /// What to ask the backend for.
+    /// What to ask the backend for, when `vm_types` is `None`.
     pub spec: VmSpec,
+    /// How jobs' `runs-on` labels select their VM and the run's time limit
+    /// ([`crate::vm_types`]); `None`: every VM is `spec`, with no time limit.
+    pub vm_types: Option<Arc<crate::vm_types::VmTypes>>,
     /// The run's inputs: event, repository, secrets, variables.
     pub context: RunContext,
     /// Run only these jobs (and nothing else), as `-j` does.
@@ -183,6 +187,16 @@ pub enum ExecError {
         #[source]
         source: Box<SessionError>,
     },
+    /// A job's `runs-on` selects no VM type (or several, where the run has one VM). Nothing
+    /// was allocated.
+    #[error("{workflow}: no VM for its jobs")]
+    VmType {
+        /// Workflow file.
+        workflow: String,
+        /// Why.
+        #[source]
+        source: crate::vm_types::VmTypeError,
+    },
     /// Setting up the VM failed.
     #[error("Setting up VM {vm} failed")]
     Setup {
@@ -199,7 +213,10 @@ impl ExecError {
     pub fn is_user_error(&self) -> bool {
         matches!(
             self,
-            ExecError::Unsupported { .. } | ExecError::Graph { .. } | ExecError::Actions { .. }
+            ExecError::Unsupported { .. }
+                | ExecError::Graph { .. }
+                | ExecError::Actions { .. }
+                | ExecError::VmType { .. }
         ) || matches!(self, ExecError::Session { source, .. }
                 if matches!(**source, SessionError::LimitReached { .. }))
     }
@@ -221,6 +238,8 @@ struct RunState<'a> {
     allocations: std::sync::atomic::AtomicUsize,
     /// Remote actions resolved on the host before the run started.
     catalog: actions::Catalog,
+    /// The VM of the run's session(s) and its time limit.
+    plan: vms::RunPlan,
 }
 
 /// The part of a job leg's state that steps change.
@@ -365,6 +384,14 @@ impl WorkflowExecutor {
             workflow: workflow.file.to_string(),
             source: Box::new(source),
         })?;
+        let plan = vms::plan(workflow, options)?;
+        // The whole-run time limit cancels the run like Ctrl-C does: running steps are killed,
+        // cleanup runs, and the session is released.
+        let limited = cancel.child_token();
+        let _limit = plan
+            .timeout
+            .map(|limit| arm_time_limit(limit, events.clone(), limited.clone()));
+        let cancel = &limited;
         events.emit(EventKind::RunStarted {
             workflow: name.clone(),
             file: workflow.file.to_string(),
@@ -378,6 +405,7 @@ impl WorkflowExecutor {
             cancel,
             allocations: Default::default(),
             catalog,
+            plan,
         };
         let outcome = match options.isolation {
             Isolation::Workflow => self.run_in_one_session(&state, &levels).await,
@@ -434,7 +462,9 @@ impl WorkflowExecutor {
         levels: &[Vec<String>],
     ) -> Result<Vec<JobReport>, ExecError> {
         let session_id = state.options.run_id.clone();
-        let prepared = self.open_session(state, session_id).await?;
+        let prepared = self
+            .open_session(state, session_id, state.plan.spec.clone())
+            .await?;
         let mut needs: HashMap<String, NeedResult> = HashMap::new();
         let mut reports = Vec::new();
         for level in levels {
@@ -488,12 +518,13 @@ impl WorkflowExecutor {
         &self,
         state: &RunState<'_>,
         session_id: String,
+        spec: VmSpec,
     ) -> Result<Prepared, ExecError> {
         let request = SessionRequest {
             session_id,
             run_id: state.options.run_id.clone(),
             workflow: state.workflow.display_name().to_owned(),
-            spec: state.options.spec.clone(),
+            spec,
         };
         let guard = self
             .sessions
@@ -588,6 +619,13 @@ impl WorkflowExecutor {
         match shared {
             Some(prepared) => {
                 for (index, leg) in legs.iter().enumerate() {
+                    let leg_info = (leg, index, total);
+                    if let Err(message) =
+                        vms::check_shared(state.options, &state.plan, job_id, job, &ctx_map, leg_info)
+                    {
+                        reports.push(self.job_error(state, job_id, job, &message));
+                        continue;
+                    }
                     let report = self
                         .run_leg(
                             state,
@@ -636,7 +674,17 @@ impl WorkflowExecutor {
                         } else {
                             format!("{}-{job_id}", state.options.run_id)
                         };
-                        let prepared = self.open_session(state, session_id).await?;
+                        let spec = match vms::leg_spec(
+                            state.options,
+                            job_id,
+                            job,
+                            ctx_map,
+                            (leg, index, total),
+                        ) {
+                            Ok(spec) => spec,
+                            Err(message) => return Ok(self.job_error(state, job_id, job, &message)),
+                        };
+                        let prepared = self.open_session(state, session_id, spec).await?;
                         let report = self
                             .run_leg(
                                 state,
@@ -1802,6 +1850,31 @@ fn resolve_dir(workspace: &str, dir: Option<&str>) -> String {
         None | Some("") => workspace.to_owned(),
         Some(d) if d.starts_with('/') => d.to_owned(),
         Some(d) => format!("{workspace}/{d}"),
+    }
+}
+
+/// Cancels `cancel` after `limit`, saying so in the run's log; aborted when dropped.
+fn arm_time_limit(limit: Duration, events: EventSink, cancel: CancellationToken) -> AbortOnDrop {
+    AbortOnDrop(tokio::spawn(async move {
+        tokio::time::sleep(limit).await;
+        let minutes = limit.as_secs_f64() / 60.0;
+        tracing::warn!("run over its time limit of {minutes} min; cancelling it");
+        events.emit(EventKind::Log {
+            job: String::new(),
+            step: None,
+            stream: LogStream::Stderr,
+            line: format!("The run is over its time limit of {minutes} min; cancelling it"),
+        });
+        cancel.cancel();
+    }))
+}
+
+/// A task that is aborted when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -104,6 +104,7 @@ impl WorkflowExecutor {
             cancel: state.cancel,
             allocations: Default::default(),
             catalog: state.catalog.clone(),
+            plan: state.plan.clone(),
         };
         let levels = kiln_workflow::job_order(&called).map_err(|source| ExecError::Graph {
             workflow: called.file.to_string(),

@@ -211,6 +211,7 @@ async fn run_with(
         run_id: format!("run-{}", uuid::Uuid::new_v4().simple()),
         isolation,
         spec,
+        vm_types: None,
         context: RunContext {
             secrets: secrets
                 .iter()

@@ -30,6 +30,7 @@ async fn run(yaml: &str, secrets: &[(&str, &str)]) -> (RunReport, Vec<String>) {
         run_id: "commands".into(),
         isolation: Isolation::Workflow,
         spec: VmSpec::default(),
+        vm_types: None,
         context,
         only_jobs: Vec::new(),
         matrix_filter: Vec::new(),

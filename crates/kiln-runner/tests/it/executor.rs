@@ -157,6 +157,7 @@ impl Harness {
             run_id: format!("run-{}", uuid::Uuid::new_v4().simple()),
             isolation,
             spec: VmSpec::default(),
+            vm_types: None,
             context: RunContext::new("push", Some(self.workspace.path().to_path_buf()), git),
             only_jobs: Vec::new(),
             matrix_filter: Vec::new(),

@@ -299,6 +299,7 @@ mod warm {
             run_id: format!("pool-{}", uuid::Uuid::new_v4().simple()),
             isolation: Isolation::Workflow,
             spec: spec(),
+            vm_types: None,
             context: RunContext::new(
                 "push",
                 Some(workspace.path().to_path_buf()),

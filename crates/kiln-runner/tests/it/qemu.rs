@@ -63,6 +63,7 @@ impl Fixture {
                 vcpus: 1,
                 ..VmSpec::default()
             },
+            vm_types: None,
             context: RunContext::new(
                 "push",
                 Some(self.workspace.path().to_path_buf()),

@@ -260,6 +260,7 @@ impl Harness {
             executor: WorkflowExecutor::new(sessions),
             isolation: Isolation::Workflow,
             spec: options.spec,
+            vms: None,
         };
         let store: Arc<dyn RunStore> = Arc::new(
             SqliteStore::open(&dir.join("kiln.db"))
