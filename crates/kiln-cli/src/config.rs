@@ -484,4 +484,132 @@ clone_url_rewrite = { "https://github.com/" = "file:///srv/mirror/" }
             "file:///srv/mirror/"
         );
     }
+    fn args(extra: &[&str]) -> RunArgs {
+        use clap::{Args, FromArgMatches};
+        let argv = std::iter::once("run").chain(extra.iter().copied());
+        RunArgs::from_arg_matches(
+            &RunArgs::augment_args(clap::Command::new("run"))
+                .try_get_matches_from(argv)
+                .expect("arguments"),
+        )
+        .expect("arguments")
+    }
+
+    fn settings(text: &str) -> anyhow::Result<Settings> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Settings::resolve(&file, &args(&[]))
+    }
+
+    fn labels(l: &[&str]) -> Vec<String> {
+        l.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    const TYPES: &str = r#"
+[runner]
+max_vcpus = 8
+max_memory_mib = 16384
+
+[vm_types.default]
+vcpus = 1
+memory_mib = 1024
+timeout_minutes = 30
+
+[vm_types.big]
+labels = ["16-core", "gpu"]
+vcpus = 4
+memory_mib = 4096
+
+[vm_types.jammy]
+labels = ["ubuntu-22.04"]
+image = "jammy"
+
+[workflows.".github/workflows/heavy.yml"]
+memory_mib = 8192
+timeout_minutes = 5
+"#;
+
+    #[test]
+    fn runs_on_labels_select_configured_types_and_unset_keys_come_from_default() {
+        let settings = settings(TYPES).expect("valid");
+        let types = &settings.vms.types;
+        let pick = |l: &[&str]| types.select("job", &labels(l)).map(|t| t.spec.clone());
+        let big = pick(&["self-hosted", "16-core"]).expect("big");
+        assert_eq!((big.vm_type.as_str(), big.vcpus, big.memory_mib), ("big", 4, 4096));
+        assert_eq!(big.image, "default", "image from the built-in default");
+        let jammy = pick(&["ubuntu-22.04"]).expect("jammy claims it");
+        assert_eq!((jammy.vm_type.as_str(), jammy.image.as_str()), ("jammy", "jammy"));
+        assert_eq!(jammy.vcpus, 1, "vcpus from [vm_types.default]");
+        assert_eq!(pick(&["ubuntu-latest"]).expect("default").vm_type, "default");
+        let err = pick(&["windows-latest"]).expect_err("no type");
+        assert!(err.to_string().contains("[windows-latest]"), "{err}");
+        assert_eq!(settings.spec, types.default_type().spec);
+        assert_eq!(
+            types.types().iter().find(|t| t.name() == "big").unwrap().timeout,
+            Some(Duration::from_secs(30 * 60)),
+            "timeout from [vm_types.default]"
+        );
+    }
+
+    #[test]
+    fn a_workflow_quota_overrides_the_types_for_that_workflow_only() {
+        let settings = settings(TYPES).expect("valid");
+        let heavy = settings.vms.for_workflow("./.github/workflows/heavy.yml");
+        let big = heavy.select("j", &labels(&["big"])).expect("big");
+        assert_eq!((big.spec.vcpus, big.spec.memory_mib), (4, 8192));
+        assert_eq!(big.timeout, Some(Duration::from_secs(5 * 60)));
+        let other = settings.vms.for_workflow(".github/workflows/ci.yml");
+        assert_eq!(other.select("j", &labels(&["big"])).unwrap().spec.memory_mib, 4096);
+    }
+
+    #[test]
+    fn the_image_flag_replaces_every_types_image() {
+        let file: FileConfig = toml::from_str(TYPES).expect("parse");
+        let settings = Settings::resolve(&file, &args(&["--image", "mine"])).expect("valid");
+        assert!(settings.vms.types.types().iter().all(|t| t.spec.image == "mine"));
+    }
+
+    #[test]
+    fn sizes_above_the_ceiling_are_refused_naming_the_key() {
+        let err = settings("[runner]\nmax_vcpus = 2\n[vm_types.big]\nvcpus = 3\n")
+            .expect_err("above");
+        assert_eq!(
+            err.to_string(),
+            "[vm_types.big] vcpus = 3: above the ceiling of 2 vCPUs ([runner] max_vcpus)"
+        );
+        let err = settings(
+            "[runner]\nmax_disk_mib = 4096\n[vm_types.default]\ndisk_mib = 4096\n\
+             [workflows.\"ci.yml\"]\ndisk_mib = 5000\n",
+        )
+        .expect_err("quota above");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("[workflows.\"ci.yml\"] disk_mib = 5000: above the ceiling of 4096 MiB"),
+            "{text}"
+        );
+        // The built-in default disk is above a small ceiling too.
+        let err = settings("[runner]\nmax_disk_mib = 1024\n").expect_err("default disk");
+        assert!(err.to_string().starts_with("[vm_types.default] disk_mib = 8192"), "{err}");
+        let err = settings("[vm_types.small]\nmemory_mib = 64\n").expect_err("too small");
+        assert!(err.to_string().contains("[vm_types.small] memory_mib = 64"), "{err}");
+        let err = settings("[workflows.\"/abs/ci.yml\"]\nvcpus = 1\n").expect_err("absolute");
+        assert!(err.to_string().contains("relative to the repository root"), "{err}");
+        let err = settings("[pool.huge]\nmin_idle = 1\n").expect_err("no such type");
+        assert!(err.to_string().contains("[pool.huge]"), "{err}");
+    }
+
+    /// The `kiln.toml` examples in the README load and resolve.
+    #[test]
+    fn readme_config_examples_load() {
+        let readme = include_str!("../../../README.md");
+        let mut found = 0;
+        for block in readme.split("```toml\n").skip(1) {
+            let text = block.split("```").next().expect("a closed block");
+            let file: FileConfig = toml::from_str(text)
+                .unwrap_or_else(|e| panic!("README example does not parse: {e}\n{text}"));
+            Settings::resolve(&file, &args(&[]))
+                .unwrap_or_else(|e| panic!("README example is refused: {e:#}\n{text}"));
+            found += 1;
+        }
+        assert!(found >= 2, "README toml examples found: {found}");
+    }
 }

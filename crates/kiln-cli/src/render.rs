@@ -82,6 +82,10 @@ impl Terminal {
 
     fn prefix(&self, run: &str, job: &str) -> String {
         let workflow = self.workflows.get(run).map_or(run, String::as_str);
+        if job.is_empty() {
+            // A message about the whole run (its time limit).
+            return self.style.paint("36", &format!("[{workflow}]"));
+        }
         let job = self
             .job_names
             .get(&(run.to_owned(), job.to_owned()))
