@@ -171,6 +171,9 @@ pub struct RunArgs {
     /// Boot every VM cold: no warm pool, no snapshot restore (for comparison and debugging).
     #[arg(long)]
     pub cold: bool,
+    /// Never offer to build the default guest image when none is built (`--backend auto`).
+    #[arg(long, env = "KILN_NO_PROMPT")]
+    pub no_build_prompt: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics while kiln runs.
     #[arg(long, env = "KILN_METRICS_ADDR", value_name = "ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,

@@ -87,9 +87,19 @@ pub async fn run(file: &FileConfig, args: RunArgs) -> Result<u8, Exit> {
     let backend_config = file
         .backend_config(&dirs, settings.boot_timeout)
         .map_err(usage)?;
-    let selection = select_backend(settings.backend, &backend_config)
+    let mut selection = select_backend(settings.backend, &backend_config)
         .await
         .map_err(|e| Exit::new(exit::INFRA, e))?;
+    // `auto` fell back to local only because no image is built: offer to build it.
+    if settings.backend == BackendKind::Auto
+        && !selection.provider.isolates()
+        && crate::image::only_the_image_is_missing(&backend_config)
+        && crate::image::offer_default_image(file, &dirs.data, !args.no_build_prompt).await?
+    {
+        selection = select_backend(settings.backend, &backend_config)
+            .await
+            .map_err(|e| Exit::new(exit::INFRA, e))?;
+    }
     let style = Style::detect();
     if !selection.provider.isolates() {
         eprintln!(

@@ -5,8 +5,15 @@
 //!    the command that builds it.
 //! 2. A per-VM directory `<runtime_dir>/qemu-<id>/` (mode 0700) gets a qcow2 overlay backed by the
 //!    image's read-only `rootfs.ext4` (`qemu-img create -f qcow2 -b BASE -F raw`), so allocation
-//!    copies nothing and the base is never written. A [`VmSpec::disk_mib`] larger than the image
-//!    makes the overlay larger, and the root filesystem is grown online (`resize2fs`) at boot.
+//!    copies nothing and the base is never written. [`VmSpec::disk_mib`] is the size of the
+//!    guest's root file system, so what a run can write is `disk_mib` less what the image uses:
+//!    - larger than the image: the overlay is that large, and the root file system is grown
+//!      online (`resize2fs`) at boot;
+//!    - smaller: ext4 cannot shrink while mounted, so the difference is taken up at boot by a
+//!      root-owned reserve file, `fallocate`d (blocks marked in use without a byte written, so
+//!      the overlay does not grow). Writes past the quota fail with ENOSPC. The hard bound the
+//!      host enforces is the overlay's virtual size (the image's size); guest root, which the
+//!      `runner` user reaches with sudo, could delete the reserve and write up to it.
 //! 3. QEMU starts with `-M microvm` (virtio-mmio devices announced through ACPI), `-nodefaults
 //!    -no-user-config -nographic -no-reboot`, the image's kernel and initramfs, the overlay as a
 //!    virtio-blk disk (`kiln.root=/dev/vda`), a virtio-serial port named `kiln.agent` whose host
@@ -354,8 +361,7 @@ impl QemuProvider {
         let id = format!("qemu-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let dir = self.config.runtime_dir.join(&id);
         let vm_dir = VmDir::create(&id, &dir).await?;
-        let (mut process, grow_root) =
-            start_qemu(&self.config, &image, spec, accel, &id, &dir).await?;
+        let (mut process, root) = start_qemu(&self.config, &image, spec, accel, &id, &dir).await?;
         match self
             .connect(&id, &dir, &mut process, started + timeout, timeout)
             .await
@@ -371,7 +377,7 @@ impl QemuProvider {
                     released: AtomicBool::new(false),
                     accel,
                 };
-                vm.prepare(grow_root).await?;
+                vm.prepare(root, spec.disk_mib).await?;
                 Ok(vm)
             }
             Err(reason) => {
@@ -701,7 +707,7 @@ async fn start_qemu(
     accel: Accel,
     id: &str,
     dir: &Path,
-) -> Result<(Process, bool), VmError> {
+) -> Result<(Process, RootDisk), VmError> {
     let io = |op: String, source| VmError::Io {
         vm: id.to_owned(),
         op,
@@ -719,10 +725,16 @@ async fn start_qemu(
         .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
         .arg(&base)
         .arg(&overlay);
-    let grow_root = wanted > base_size;
-    if grow_root {
+    let root = if wanted > base_size {
         qemu_img.arg(format!("{}M", spec.disk_mib));
-    }
+        RootDisk::Grow
+    } else if wanted < base_size {
+        RootDisk::Reserve {
+            mib: (base_size - wanted) >> 20,
+        }
+    } else {
+        RootDisk::AsIs
+    };
     let out = qemu_img
         .stdin(Stdio::null())
         .output()
@@ -739,8 +751,25 @@ async fn start_qemu(
         });
     }
     let args = qemu_args(config, image, spec, accel, id, dir);
-    Ok((spawn_qemu(config, &args, id, dir)?, grow_root))
+    Ok((spawn_qemu(config, &args, id, dir)?, root))
 }
+
+/// How the guest's root file system is made `disk_mib` large at boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RootDisk {
+    /// The image is exactly that large.
+    AsIs,
+    /// The overlay is larger than the image: grow the file system into it.
+    Grow,
+    /// The image is larger: reserve this many MiB of it.
+    Reserve {
+        /// MiB.
+        mib: u64,
+    },
+}
+
+/// The file that takes up the part of a larger image that is beyond the disk quota.
+const DISK_RESERVE: &str = "/var/lib/kiln-disk-reserve";
 
 /// Starts QEMU with `args` in the per-VM directory `dir`, with a task that reaps it.
 fn spawn_qemu(
@@ -958,16 +987,20 @@ impl QemuVm {
         &self.client
     }
 
-    /// Creates the work root, owned by the runner user when the image has one.
-    /// When the overlay is larger than the image (`disk_mib`), grows the root filesystem online.
-    async fn prepare(&self, grow_root: bool) -> Result<(), VmError> {
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    /// Creates the work root, owned by the runner user when the image has one, and makes the
+    /// root file system `disk_mib` large (see the module doc).
+    async fn prepare(&self, root: RootDisk, disk_mib: u32) -> Result<(), VmError> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut script = format!(
             "mkdir -p {WORK_ROOT} && (chown {user}:{user} {WORK_ROOT} 2>/dev/null || true)",
             user = image::RUNNER_USER
         );
-        if grow_root {
-            script.push_str(" && resize2fs /dev/vda >/dev/null");
+        match root {
+            RootDisk::AsIs => {}
+            RootDisk::Grow => script.push_str(" && resize2fs /dev/vda >/dev/null"),
+            RootDisk::Reserve { mib } => script.push_str(&format!(
+                " && fallocate -l {mib}MiB {DISK_RESERVE} && chmod 0 {DISK_RESERVE}"
+            )),
         }
         let request = ExecRequest {
             command: crate::Command::Argv(vec!["/bin/sh".into(), "-c".into(), script]),
@@ -977,12 +1010,24 @@ impl QemuVm {
         };
         let outcome = self.client.exec(request, tx).await?;
         if !outcome.status.success() {
-            return Err(VmError::Boot {
-                vm: self.id.clone(),
-                reason: format!(
-                    "creating {WORK_ROOT} in the guest failed ({})",
+            let mut stderr = Vec::new();
+            while let Ok(chunk) = rx.try_recv() {
+                stderr.extend_from_slice(&chunk.data);
+            }
+            let stderr = String::from_utf8_lossy(&stderr).trim().to_owned();
+            let reason = match root {
+                RootDisk::Reserve { .. } if stderr.contains("fallocate") => format!(
+                    "disk_mib = {disk_mib} is less than the image's files take \
+                     ({stderr}); raise disk_mib"
+                ),
+                _ => format!(
+                    "preparing the guest's disk and {WORK_ROOT} failed ({}): {stderr}",
                     outcome.status
                 ),
+            };
+            return Err(VmError::Boot {
+                vm: self.id.clone(),
+                reason,
             });
         }
         Ok(())

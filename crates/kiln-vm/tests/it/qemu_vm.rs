@@ -505,6 +505,91 @@ async fn a_guest_kernel_panic_fails_the_command_and_disk_mib_grows_the_root() {
     assert_no_leak(runtime.path(), &[id]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_quota_below_the_image_size_ends_writes_with_enospc() {
+    if support::skip_vm_tests() {
+        return;
+    }
+    let image = tokio::task::spawn_blocking(support::default_image)
+        .await
+        .unwrap();
+    let image_mib = std::fs::metadata(image.rootfs()).unwrap().len() >> 20;
+    let _guard = VM_LOCK.lock().await;
+    let runtime = tempfile::tempdir().unwrap();
+    let qemu = provider(runtime.path(), Accel::Auto);
+    let quota_mib: u64 = 1024;
+    assert!(image_mib > quota_mib, "the test needs an image above {quota_mib} MiB");
+    let small = VmSpec {
+        disk_mib: quota_mib as u32,
+        ..spec()
+    };
+    let vm = qemu.allocate(&small).await.expect("VM boots").vm;
+    let id = vm.id().to_owned();
+    let avail_mib: u64 = sh(&*vm, "df --output=avail -m / | tail -1")
+        .await
+        .parse()
+        .unwrap();
+    assert!(
+        avail_mib < quota_mib,
+        "{avail_mib} MiB free with a {quota_mib} MiB quota"
+    );
+
+    // The runner user (whom steps run as) writes until the disk is full.
+    let request = ExecRequest {
+        command: Command::Argv(vec![
+            "sh".into(),
+            "-c".into(),
+            "sudo -u runner dd if=/dev/zero of=/home/runner/work/fill bs=1M 2>&1; \
+             echo dd-exit=$?; sync; stat -c size=%s /home/runner/work/fill"
+                .into(),
+        ]),
+        env: Vec::new(),
+        cwd: None,
+        timeout: Some(Duration::from_secs(600)),
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let outcome = vm.exec(request, tx).await.expect("exec works");
+    let mut out = String::new();
+    while let Ok(chunk) = rx.try_recv() {
+        out.push_str(&String::from_utf8_lossy(&chunk.data));
+    }
+    assert!(outcome.status.success(), "{out}");
+    assert!(out.contains("No space left on device"), "{out}");
+    assert!(!out.contains("dd-exit=0"), "dd must fail: {out}");
+    let written: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("size="))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no size in {out}"));
+    eprintln!("the guest wrote {} MiB before ENOSPC", written >> 20);
+    assert!(
+        written >> 20 >= avail_mib.saturating_sub(16) && written >> 20 < quota_mib,
+        "wrote {} MiB with {avail_mib} MiB free",
+        written >> 20
+    );
+    // The host's writable layer holds what the guest wrote, not the image-sized reserve.
+    let overlay = runtime.path().join(&id).join("disk.qcow2");
+    let allocated = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&overlay).unwrap().blocks() * 512
+    };
+    eprintln!("overlay: {} MiB allocated", allocated >> 20);
+    assert!(
+        allocated >> 20 <= quota_mib,
+        "overlay holds {} MiB with a {quota_mib} MiB quota",
+        allocated >> 20
+    );
+    // Below what the image's own files take, the VM is refused with a clear reason.
+    let tiny = VmSpec {
+        disk_mib: 256,
+        ..spec()
+    };
+    let err = qemu.allocate(&tiny).await.err().expect("too small");
+    assert!(err.to_string().contains("disk_mib = 256"), "{err}");
+    vm.release().await.unwrap();
+    assert_no_leak(runtime.path(), &[id]);
+}
+
 async fn run_err(vm: &dyn Vm, script: &str, console: &Path) -> String {
     let request = ExecRequest {
         command: Command::Argv(vec!["sh".into(), "-c".into(), script.into()]),
