@@ -172,7 +172,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub cold: bool,
     /// Never offer to build the default guest image when none is built (`--backend auto`).
-    #[arg(long, env = "KILN_NO_PROMPT")]
+    #[arg(long, env = "KILN_NO_PROMPT", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_build_prompt: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics while kiln runs.
     #[arg(long, env = "KILN_METRICS_ADDR", value_name = "ADDR")]

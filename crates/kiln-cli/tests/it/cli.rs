@@ -135,7 +135,7 @@ fn unknown_key_exits_2_with_position_and_suggestion() {
     assert_usage_error(
         &env,
         "unknown.yml",
-        "on: push\njobs:\n  a:\n    runs-on: x\n    stpes:\n      - run: echo\n",
+        "on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    stpes:\n      - run: echo\n",
         "unknown.yml:5:5: Unknown key `stpes` in job `a`",
     );
     let out = env.run(&["run", "unknown.yml"]);
@@ -148,7 +148,7 @@ fn job_cycle_exits_2_with_position() {
     assert_usage_error(
         &env,
         "cycle.yml",
-        "on: push\njobs:\n  a:\n    runs-on: x\n    needs: b\n    steps:\n      - run: echo\n  b:\n    runs-on: x\n    needs: a\n    steps:\n      - run: echo\n",
+        "on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    needs: b\n    steps:\n      - run: echo\n  b:\n    runs-on: ubuntu-latest\n    needs: a\n    steps:\n      - run: echo\n",
         "cycle.yml:10:12: Job dependency cycle: a -> b -> a",
     );
 }
@@ -159,7 +159,7 @@ fn step_without_run_or_uses_exits_2_with_position() {
     assert_usage_error(
         &env,
         "norun.yml",
-        "on: push\njobs:\n  a:\n    runs-on: x\n    steps:\n      - name: nothing\n",
+        "on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    steps:\n      - name: nothing\n",
         "norun.yml:6:9: A step must have either `run` or `uses`",
     );
 }
@@ -218,7 +218,7 @@ fn seed_log_lines_at_info_level() {
     let env = Env::new();
     env.write(
         "two.yml",
-        "name: two\non: push\njobs:\n  a:\n    runs-on: x\n    steps:\n      - name: first\n        run: 'true'\n      - name: second\n        run: 'true'\n",
+        "name: two\non: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    steps:\n      - name: first\n        run: 'true'\n      - name: second\n        run: 'true'\n",
     );
     let out = env
         .kiln()
@@ -264,11 +264,11 @@ fn directory_runs_each_matching_workflow_in_its_own_session() {
     );
     env.write(
         ".github/workflows/manual.yml",
-        "on: workflow_dispatch\njobs:\n  x:\n    runs-on: x\n    steps:\n      - run: exit 9\n",
+        "on: workflow_dispatch\njobs:\n  x:\n    runs-on: ubuntu-latest\n    steps:\n      - run: exit 9\n",
     );
     env.write(
         ".github/workflows/release-only.yml",
-        "on:\n  push:\n    branches: [release/**]\njobs:\n  x:\n    runs-on: x\n    steps:\n      - run: exit 9\n",
+        "on:\n  push:\n    branches: [release/**]\njobs:\n  x:\n    runs-on: ubuntu-latest\n    steps:\n      - run: exit 9\n",
     );
     let out = env.run(&["run", ".", "push", "--json", "--max-sessions", "2"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -293,7 +293,7 @@ fn ctrl_c_cancels_runs_cleanup_and_exits_130() {
     env.write(
         "slow.yml",
         &format!(
-            "name: slow\non: push\njobs:\n  a:\n    runs-on: x\n    steps:\n      - run: touch {}; sleep 60\n      - if: always()\n        run: echo cleanup-step-ran\n",
+            "name: slow\non: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    steps:\n      - run: touch {}; sleep 60\n      - if: always()\n        run: echo cleanup-step-ran\n",
             marker.display()
         ),
     );
@@ -464,7 +464,7 @@ on:
         default: hello
 jobs:
   a:
-    runs-on: x
+    runs-on: ubuntu-latest
     steps:
       - run: echo "${{ inputs.level }} ${{ inputs.dry }} ${{ inputs.note }} ${{ inputs.dry == true }}"
 "#,
@@ -493,4 +493,127 @@ jobs:
         text(&out.stderr)
     );
     assert!(env.leftovers().is_empty());
+}
+
+#[test]
+fn runs_on_labels_no_vm_type_offers_exit_2_before_any_vm() {
+    let env = Env::new();
+    env.write(
+        "kiln.toml",
+        "[vm_types.big]\nlabels = [\"16-core\"]\nvcpus = 1\nmemory_mib = 512\n",
+    );
+    env.write(
+        "mac.yml",
+        "on: push\njobs:\n  ok:\n    runs-on: [self-hosted, 16-core]\n    steps: [{run: echo}]\n  \
+         build:\n    runs-on: ${{ matrix.os }}\n    strategy:\n      matrix:\n        \
+         os: [ubuntu-22.04, macos-latest]\n    steps: [{run: echo}]\n",
+    );
+    let out = env.run(&["run", "mac.yml", "--isolation", "job", "--json"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "Job `build` runs on [macos-latest], but no VM type has all of those labels"
+        ),
+        "{stderr}"
+    );
+    assert!(stderr.contains("big [big, 16-core]"), "{stderr}");
+    assert!(
+        !text(&out.stdout).contains("session_allocated"),
+        "nothing may be allocated"
+    );
+    // Under isolation = workflow the run's one VM cannot be two types.
+    env.write(
+        "mixed.yml",
+        "on: push\njobs:\n  a:\n    runs-on: 16-core\n    steps: [{run: echo}]\n  \
+         b:\n    runs-on: ubuntu-latest\n    steps: [{run: echo}]\n",
+    );
+    let out = env.run(&["run", "mixed.yml"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("Job `a` runs on VM type `big` and job `b` on `default`"),
+        "{stderr}"
+    );
+    assert!(env.leftovers().is_empty());
+}
+
+/// `--backend auto` with QEMU installed and no image: the run falls back to local. Off a
+/// terminal kiln prints the command that builds the image, and asks nothing.
+#[test]
+fn without_an_image_auto_prints_how_to_build_one_when_not_on_a_terminal() {
+    let env = Env::new();
+    env.write("ok.yml", OK);
+    let out = env
+        .kiln()
+        .env("KILN_BACKEND", "auto")
+        .args(["run", "ok.yml"])
+        .output()
+        .expect("kiln runs");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let hint = stderr
+        .lines()
+        .find(|l| l.starts_with("hint: no guest image is built"))
+        .unwrap_or_else(|| panic!("no hint (is QEMU installed?): {stderr}"));
+    assert!(hint.ends_with(" image build"), "{hint}");
+    assert!(!stderr.contains("[y/N]"), "{stderr}");
+    assert!(stderr.contains("hello-from-step"), "{stderr}");
+}
+
+/// On a terminal (a pseudo-terminal from `script`) kiln asks; answering no runs locally. The
+/// yes path builds an image (root, network, minutes): it is exercised by hand, not here.
+#[test]
+fn without_an_image_auto_asks_on_a_terminal_and_respects_no() {
+    let env = Env::new();
+    env.write("ok.yml", OK);
+    let kiln = env!("CARGO_BIN_EXE_kiln");
+    let ask = |extra_env: &[(&str, &str)]| -> (Option<i32>, String) {
+        let mut script = Command::new("script");
+        script
+            .args(["-qec", &format!("{kiln} run ok.yml"), "/dev/null"])
+            .current_dir(env.repo())
+            .env("KILN_RUNTIME_DIR", &env.runtime)
+            .env("KILN_DATA_DIR", env.dir.path().join("data"))
+            .env("KILN_BACKEND", "auto")
+            .env("NO_COLOR", "1")
+            .env("SHELL", "/bin/sh")
+            .env_remove("KILN_LOG")
+            .env_remove("KILN_NO_PROMPT")
+            .envs(extra_env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = script
+            .spawn()
+            .expect("`script` (util-linux) runs the command on a pseudo-terminal");
+        // The answer waits in the terminal's input until kiln reads it; stdin stays open until
+        // the command is done, so `script` never sees an early end of input.
+        let mut stdin = child.stdin.take().expect("stdin");
+        std::io::Write::write_all(&mut stdin, b"n\n").expect("answer");
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "kiln on the terminal never ended");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        drop(stdin);
+        let out = child.wait_with_output().expect("output");
+        (status.code(), text(&out.stdout) + &text(&out.stderr))
+    };
+    let (code, screen) = ask(&[]);
+    assert_eq!(code, Some(0), "{screen}");
+    assert!(
+        screen.contains("Build the default image now"),
+        "no question: {screen}"
+    );
+    assert!(screen.contains("[y/N]"), "{screen}");
+    assert!(screen.contains("Not building it"), "{screen}");
+    assert!(screen.contains("hello-from-step"), "{screen}");
+    let (code, screen) = ask(&[("KILN_NO_PROMPT", "1")]);
+    assert_eq!(code, Some(0), "{screen}");
+    assert!(!screen.contains("[y/N]"), "asked despite KILN_NO_PROMPT: {screen}");
+    assert!(screen.contains("hint: no guest image is built"), "{screen}");
 }
