@@ -477,6 +477,25 @@ impl VmPool {
                 warn!(vm = vm.id(), "releasing an idle pool VM failed: {e}");
             }
         }
+        // A VM still warming is released by its warm task once it is up (the pool is closed);
+        // wait for that, or it would outlive the process that owns it.
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_WAIT;
+        loop {
+            let notified = self.inner.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let warming = self.inner.lock().count(|s| matches!(s, SlotState::Warming));
+            if warming == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                warn!(
+                    "pool `{}`: {warming} VMs still warming at shutdown",
+                    self.inner.spec.vm_type
+                );
+                break;
+            }
+        }
     }
 }
 
@@ -529,6 +548,7 @@ impl PoolInner {
                 Ok((allocation, _)) => {
                     state.failed_in_a_row = 0;
                     if state.closed {
+                        state.slots[slot].state = SlotState::Empty;
                         (Some(allocation.vm), None)
                     } else {
                         state.seq += 1;
@@ -554,6 +574,8 @@ impl PoolInner {
         };
         if let Some(vm) = leftover {
             let _ = self.provider.release(&*vm).await;
+            // `shutdown` waits for this.
+            self.changed.notify_waiters();
             return;
         }
         if let Some(in_a_row) = pause {
@@ -572,6 +594,9 @@ impl PoolInner {
         self.publish();
     }
 }
+
+/// How long shutdown waits for VMs that are still warming (a cold boot under TCG).
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(180);
 
 /// Keeps `min_idle` slots idle or warming until the pool stops.
 async fn refill(inner: Arc<PoolInner>) {

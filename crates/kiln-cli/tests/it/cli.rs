@@ -617,3 +617,45 @@ fn without_an_image_auto_asks_on_a_terminal_and_respects_no() {
     assert!(!screen.contains("[y/N]"), "asked despite KILN_NO_PROMPT: {screen}");
     assert!(screen.contains("hint: no guest image is built"), "{screen}");
 }
+
+/// A job whose `runs-on` selects `[vm_types.big]` is served by `[pool.big]`; a job of the
+/// default type is not. (The local backend suffices: this is about routing, not VMs.)
+#[test]
+fn a_job_routed_to_a_vm_type_uses_that_types_pool() {
+    let env = Env::new();
+    env.write(
+        "kiln.toml",
+        "[vm_types.big]\nlabels = [\"16-core\"]\nvcpus = 1\nmemory_mib = 512\n\n\
+         [pool.big]\nmin_idle = 1\nmax_total = 1\n",
+    );
+    env.write(
+        "two.yml",
+        "on: push\njobs:\n  a:\n    runs-on: [self-hosted, 16-core]\n    steps: [{run: echo}]\n  \
+         b:\n    runs-on: ubuntu-latest\n    steps: [{run: echo}]\n",
+    );
+    let out = env.run(&["run", "two.yml", "--isolation", "job", "--json"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let sources: Vec<(String, String)> = text(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["type"] == "session_allocated")
+        .map(|e| {
+            (
+                e["session"].as_str().unwrap_or_default().to_owned(),
+                e["source"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(sources.len(), 2, "{sources:?}");
+    let source_of = |job: &str| {
+        sources
+            .iter()
+            .find(|(s, _)| s.ends_with(&format!("-{job}")))
+            .map(|(_, source)| source.as_str())
+            .unwrap_or_else(|| panic!("no session of {job}: {sources:?}"))
+    };
+    assert_eq!(source_of("a"), "pool", "{sources:?}");
+    assert_ne!(source_of("b"), "pool", "{sources:?}");
+    assert!(env.leftovers().iter().all(|p| p.ends_with("pools")), "{:?}", env.leftovers());
+}

@@ -8,6 +8,7 @@ use std::time::Duration;
 use kiln_runner::event::{Conclusion, EventKind, EventSink, RunEvent};
 use kiln_runner::executor::{GitInfo, Isolation, RunContext, RunOptions, WorkflowExecutor};
 use kiln_runner::session::{OnLimit, SessionConfig, SessionManager};
+use kiln_runner::vm_types::{VmType, VmTypes};
 use kiln_vm::{BackendConfig, BackendKind, VmSpec, select_backend};
 use tokio_util::sync::CancellationToken;
 
@@ -54,16 +55,25 @@ async fn fixture() -> Option<Fixture> {
 
 impl Fixture {
     async fn run(&self, yaml: &str) -> (Conclusion, Vec<RunEvent>, usize) {
+        self.run_with(yaml, Isolation::Workflow, None).await
+    }
+
+    async fn run_with(
+        &self,
+        yaml: &str,
+        isolation: Isolation,
+        vm_types: Option<Arc<VmTypes>>,
+    ) -> (Conclusion, Vec<RunEvent>, usize) {
         let workflow = kiln_workflow::parse_workflow("vm.yml", yaml).expect("valid");
         let options = RunOptions {
             run_id: format!("vm-{}", uuid::Uuid::new_v4().simple()),
-            isolation: Isolation::Workflow,
+            isolation,
             spec: VmSpec {
                 memory_mib: 512,
                 vcpus: 1,
                 ..VmSpec::default()
             },
-            vm_types: None,
+            vm_types,
             context: RunContext::new(
                 "push",
                 Some(self.workspace.path().to_path_buf()),
@@ -222,4 +232,112 @@ jobs:
     assert_eq!(boots.len(), 2);
     assert_ne!(boots[0], boots[1]);
     assert!(f.leftovers().is_empty(), "{:?}", f.leftovers());
+}
+
+fn vm_type(name: &str, labels: &[&str], vcpus: u32, memory_mib: u32) -> VmType {
+    VmType {
+        spec: VmSpec {
+            vm_type: name.to_owned(),
+            vcpus,
+            memory_mib,
+            ..VmSpec::default()
+        },
+        labels: labels.iter().map(|l| (*l).to_owned()).collect(),
+        timeout: None,
+    }
+}
+
+/// `runs-on` picks each job's VM type: the guest of each job sees its type's vCPUs and memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_job_gets_the_vcpus_and_memory_of_the_vm_type_its_runs_on_selects() {
+    let Some(fx) = fixture().await else {
+        return;
+    };
+    let types = VmTypes::new(vec![
+        vm_type("default", &[], 1, 512),
+        vm_type("big", &["2-core"], 2, 1024),
+    ]);
+    let yaml = r#"
+on: push
+jobs:
+  small:
+    runs-on: ubuntu-latest
+    steps:
+      - run: echo "small nproc=$(nproc) mem=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
+  large:
+    runs-on: [self-hosted, linux, 2-core]
+    steps:
+      - run: echo "large nproc=$(nproc) mem=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
+"#;
+    let (result, events, allocations) = fx
+        .run_with(yaml, Isolation::Job, Some(Arc::new(types)))
+        .await;
+    let lines = logs(&events);
+    assert_eq!(result, Conclusion::Success, "{lines:?}");
+    assert_eq!(allocations, 2);
+    let seen = |job: &str| -> (u32, u64) {
+        let line = lines
+            .iter()
+            .find_map(|l| l.strip_prefix(&format!("{job} ")))
+            .unwrap_or_else(|| panic!("no line of {job}: {lines:?}"));
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .unwrap_or_else(|| panic!("{k} in {line}"))
+                .to_owned()
+        };
+        (
+            field("nproc=").parse().expect("nproc"),
+            field("mem=").parse().expect("MemTotal kB"),
+        )
+    };
+    let in_range = |mem_kib: u64, mib: u64| (mib * 1024 * 8 / 10..=mib * 1024).contains(&mem_kib);
+    let (nproc, mem) = seen("small");
+    assert_eq!(nproc, 1);
+    assert!(in_range(mem, 512), "small: MemTotal {mem} kB");
+    let (nproc, mem) = seen("large");
+    assert_eq!(nproc, 2);
+    assert!(in_range(mem, 1024), "large: MemTotal {mem} kB");
+    assert!(fx.leftovers().is_empty(), "{:?}", fx.leftovers());
+}
+
+/// A run over its VM type's time limit is cancelled: the running step is killed, `always()`
+/// steps still run, and the session is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_over_its_time_limit_is_cancelled_and_its_vm_released() {
+    let Some(fx) = fixture().await else {
+        return;
+    };
+    let mut limited = vm_type("default", &[], 1, 512);
+    limited.timeout = Some(Duration::from_secs(60));
+    let yaml = r#"
+on: push
+jobs:
+  slow:
+    runs-on: ubuntu-latest
+    steps:
+      - run: echo step-started; sleep 900; echo step-finished
+      - if: always()
+        run: echo cleanup-ran
+"#;
+    let (result, events, _) = fx
+        .run_with(yaml, Isolation::Workflow, Some(Arc::new(VmTypes::new(vec![limited]))))
+        .await;
+    let lines = logs(&events);
+    assert_eq!(result, Conclusion::Cancelled, "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l.contains("over its time limit of 1 min")),
+        "{lines:?}"
+    );
+    assert!(!lines.iter().any(|l| l == "step-finished"), "{lines:?}");
+    assert!(lines.iter().any(|l| l == "cleanup-ran"), "{lines:?}");
+    let vm = events
+        .iter()
+        .find_map(|e| match &e.kind {
+            EventKind::SessionReleased { vm, .. } => Some(vm.clone()),
+            _ => None,
+        })
+        .expect("the session is released");
+    assert_eq!(qemu_processes_for(&vm), 0, "QEMU of {vm} still runs");
+    assert!(fx.leftovers().is_empty(), "{:?}", fx.leftovers());
 }
