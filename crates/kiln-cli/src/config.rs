@@ -534,17 +534,31 @@ timeout_minutes = 5
         let types = &settings.vms.types;
         let pick = |l: &[&str]| types.select("job", &labels(l)).map(|t| t.spec.clone());
         let big = pick(&["self-hosted", "16-core"]).expect("big");
-        assert_eq!((big.vm_type.as_str(), big.vcpus, big.memory_mib), ("big", 4, 4096));
+        assert_eq!(
+            (big.vm_type.as_str(), big.vcpus, big.memory_mib),
+            ("big", 4, 4096)
+        );
         assert_eq!(big.image, "default", "image from the built-in default");
         let jammy = pick(&["ubuntu-22.04"]).expect("jammy claims it");
-        assert_eq!((jammy.vm_type.as_str(), jammy.image.as_str()), ("jammy", "jammy"));
+        assert_eq!(
+            (jammy.vm_type.as_str(), jammy.image.as_str()),
+            ("jammy", "jammy")
+        );
         assert_eq!(jammy.vcpus, 1, "vcpus from [vm_types.default]");
-        assert_eq!(pick(&["ubuntu-latest"]).expect("default").vm_type, "default");
+        assert_eq!(
+            pick(&["ubuntu-latest"]).expect("default").vm_type,
+            "default"
+        );
         let err = pick(&["windows-latest"]).expect_err("no type");
         assert!(err.to_string().contains("[windows-latest]"), "{err}");
         assert_eq!(settings.spec, types.default_type().spec);
         assert_eq!(
-            types.types().iter().find(|t| t.name() == "big").unwrap().timeout,
+            types
+                .types()
+                .iter()
+                .find(|t| t.name() == "big")
+                .unwrap()
+                .timeout,
             Some(Duration::from_secs(30 * 60)),
             "timeout from [vm_types.default]"
         );
@@ -558,20 +572,34 @@ timeout_minutes = 5
         assert_eq!((big.spec.vcpus, big.spec.memory_mib), (4, 8192));
         assert_eq!(big.timeout, Some(Duration::from_secs(5 * 60)));
         let other = settings.vms.for_workflow(".github/workflows/ci.yml");
-        assert_eq!(other.select("j", &labels(&["big"])).unwrap().spec.memory_mib, 4096);
+        assert_eq!(
+            other
+                .select("j", &labels(&["big"]))
+                .unwrap()
+                .spec
+                .memory_mib,
+            4096
+        );
     }
 
     #[test]
     fn the_image_flag_replaces_every_types_image() {
         let file: FileConfig = toml::from_str(TYPES).expect("parse");
         let settings = Settings::resolve(&file, &args(&["--image", "mine"])).expect("valid");
-        assert!(settings.vms.types.types().iter().all(|t| t.spec.image == "mine"));
+        assert!(
+            settings
+                .vms
+                .types
+                .types()
+                .iter()
+                .all(|t| t.spec.image == "mine")
+        );
     }
 
     #[test]
     fn sizes_above_the_ceiling_are_refused_naming_the_key() {
-        let err = settings("[runner]\nmax_vcpus = 2\n[vm_types.big]\nvcpus = 3\n")
-            .expect_err("above");
+        let err =
+            settings("[runner]\nmax_vcpus = 2\n[vm_types.big]\nvcpus = 3\n").expect_err("above");
         assert_eq!(
             err.to_string(),
             "[vm_types.big] vcpus = 3: above the ceiling of 2 vCPUs ([runner] max_vcpus)"
@@ -588,11 +616,21 @@ timeout_minutes = 5
         );
         // The built-in default disk is above a small ceiling too.
         let err = settings("[runner]\nmax_disk_mib = 1024\n").expect_err("default disk");
-        assert!(err.to_string().starts_with("[vm_types.default] disk_mib = 8192"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("[vm_types.default] disk_mib = 8192"),
+            "{err}"
+        );
         let err = settings("[vm_types.small]\nmemory_mib = 64\n").expect_err("too small");
-        assert!(err.to_string().contains("[vm_types.small] memory_mib = 64"), "{err}");
+        assert!(
+            err.to_string().contains("[vm_types.small] memory_mib = 64"),
+            "{err}"
+        );
         let err = settings("[workflows.\"/abs/ci.yml\"]\nvcpus = 1\n").expect_err("absolute");
-        assert!(err.to_string().contains("relative to the repository root"), "{err}");
+        assert!(
+            err.to_string().contains("relative to the repository root"),
+            "{err}"
+        );
         let err = settings("[pool.huge]\nmin_idle = 1\n").expect_err("no such type");
         assert!(err.to_string().contains("[pool.huge]"), "{err}");
     }

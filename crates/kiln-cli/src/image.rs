@@ -146,11 +146,7 @@ pub fn only_the_image_is_missing(config: &BackendConfig) -> bool {
 /// No image is built: on a terminal (stdin and stderr), and unless `ask` is false, offers to
 /// build the default one now; otherwise prints the command that does. Returns whether an image
 /// was built. Building needs root: as another user the build runs under `sudo`.
-pub async fn offer_default_image(
-    file: &FileConfig,
-    data: &Path,
-    ask: bool,
-) -> Result<bool, Exit> {
+pub async fn offer_default_image(file: &FileConfig, data: &Path, ask: bool) -> Result<bool, Exit> {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("kiln"));
     let root = rustix::process::geteuid().is_root();
     let command = if root {

@@ -6,6 +6,7 @@
 //!   steps in a session's VM.
 //! - [`event`]: [`RunEvent`](event::RunEvent), the one stream every consumer reads (terminal,
 //!   `--json`, logs, store).
+//! - [`vm_types`]: how a job's `runs-on` labels select its VM type (size, image, time limit).
 
 #![warn(missing_docs)]
 

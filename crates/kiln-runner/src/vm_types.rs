@@ -26,8 +26,12 @@ pub const GENERIC_LABELS: [&str; 3] = ["self-hosted", "linux", "x64"];
 
 /// GitHub-hosted runner names that mean "a current Ubuntu x64 machine": labels of the `default`
 /// type unless a configured type claims them.
-pub const GITHUB_UBUNTU_LABELS: [&str; 4] =
-    ["ubuntu-latest", "ubuntu-24.04", "ubuntu-22.04", "ubuntu-20.04"];
+pub const GITHUB_UBUNTU_LABELS: [&str; 4] = [
+    "ubuntu-latest",
+    "ubuntu-24.04",
+    "ubuntu-22.04",
+    "ubuntu-20.04",
+];
 
 /// The name of the type jobs get when their labels ask for nothing in particular.
 pub const DEFAULT_TYPE: &str = "default";
@@ -331,7 +335,10 @@ mod tests {
         let types = VmTypes::new(vec![ty("big", &["16-core"], 8)]);
         assert_eq!(pick(&types, &["ubuntu-latest"]), Ok("default"));
         assert_eq!(pick(&types, &["UBUNTU-22.04"]), Ok("default"));
-        assert_eq!(pick(&types, &["self-hosted", "linux", "x64"]), Ok("default"));
+        assert_eq!(
+            pick(&types, &["self-hosted", "linux", "x64"]),
+            Ok("default")
+        );
         assert_eq!(pick(&types, &[]), Ok("default"));
         assert_eq!(pick(&types, &["default"]), Ok("default"));
     }

@@ -512,9 +512,8 @@ fn runs_on_labels_no_vm_type_offers_exit_2_before_any_vm() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains(
-            "Job `build` runs on [macos-latest], but no VM type has all of those labels"
-        ),
+        stderr
+            .contains("Job `build` runs on [macos-latest], but no VM type has all of those labels"),
         "{stderr}"
     );
     assert!(stderr.contains("big [big, 16-core]"), "{stderr}");
@@ -596,7 +595,10 @@ fn without_an_image_auto_asks_on_a_terminal_and_respects_no() {
             if let Some(status) = child.try_wait().expect("wait") {
                 break status;
             }
-            assert!(Instant::now() < deadline, "kiln on the terminal never ended");
+            assert!(
+                Instant::now() < deadline,
+                "kiln on the terminal never ended"
+            );
             std::thread::sleep(Duration::from_millis(50));
         };
         drop(stdin);
@@ -614,7 +616,10 @@ fn without_an_image_auto_asks_on_a_terminal_and_respects_no() {
     assert!(screen.contains("hello-from-step"), "{screen}");
     let (code, screen) = ask(&[("KILN_NO_PROMPT", "1")]);
     assert_eq!(code, Some(0), "{screen}");
-    assert!(!screen.contains("[y/N]"), "asked despite KILN_NO_PROMPT: {screen}");
+    assert!(
+        !screen.contains("[y/N]"),
+        "asked despite KILN_NO_PROMPT: {screen}"
+    );
     assert!(screen.contains("hint: no guest image is built"), "{screen}");
 }
 
@@ -657,5 +662,9 @@ fn a_job_routed_to_a_vm_type_uses_that_types_pool() {
     };
     assert_eq!(source_of("a"), "pool", "{sources:?}");
     assert_ne!(source_of("b"), "pool", "{sources:?}");
-    assert!(env.leftovers().iter().all(|p| p.ends_with("pools")), "{:?}", env.leftovers());
+    assert!(
+        env.leftovers().iter().all(|p| p.ends_with("pools")),
+        "{:?}",
+        env.leftovers()
+    );
 }

@@ -620,9 +620,14 @@ impl WorkflowExecutor {
             Some(prepared) => {
                 for (index, leg) in legs.iter().enumerate() {
                     let leg_info = (leg, index, total);
-                    if let Err(message) =
-                        vms::check_shared(state.options, &state.plan, job_id, job, &ctx_map, leg_info)
-                    {
+                    if let Err(message) = vms::check_shared(
+                        state.options,
+                        &state.plan,
+                        job_id,
+                        job,
+                        &ctx_map,
+                        leg_info,
+                    ) {
                         reports.push(self.job_error(state, job_id, job, &message));
                         continue;
                     }

@@ -186,7 +186,10 @@ fn select<'a>(
 }
 
 /// `runs-on` with every `${{ }}` evaluated; a list item that evaluates to a list is spliced in.
-fn evaluate(value: &serde_json::Value, eval: &EvalContext<'_>) -> Result<serde_json::Value, String> {
+fn evaluate(
+    value: &serde_json::Value,
+    eval: &EvalContext<'_>,
+) -> Result<serde_json::Value, String> {
     Ok(match value {
         serde_json::Value::String(s) if s.contains("${{") => {
             let template = Template::parse(s, kiln_workflow::Span::unknown())

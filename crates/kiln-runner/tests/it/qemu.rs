@@ -321,12 +321,18 @@ jobs:
         run: echo cleanup-ran
 "#;
     let (result, events, _) = fx
-        .run_with(yaml, Isolation::Workflow, Some(Arc::new(VmTypes::new(vec![limited]))))
+        .run_with(
+            yaml,
+            Isolation::Workflow,
+            Some(Arc::new(VmTypes::new(vec![limited]))),
+        )
         .await;
     let lines = logs(&events);
     assert_eq!(result, Conclusion::Cancelled, "{lines:?}");
     assert!(
-        lines.iter().any(|l| l.contains("over its time limit of 1 min")),
+        lines
+            .iter()
+            .any(|l| l.contains("over its time limit of 1 min")),
         "{lines:?}"
     );
     assert!(!lines.iter().any(|l| l == "step-finished"), "{lines:?}");

@@ -518,7 +518,10 @@ async fn a_disk_quota_below_the_image_size_ends_writes_with_enospc() {
     let runtime = tempfile::tempdir().unwrap();
     let qemu = provider(runtime.path(), Accel::Auto);
     let quota_mib: u64 = 1024;
-    assert!(image_mib > quota_mib, "the test needs an image above {quota_mib} MiB");
+    assert!(
+        image_mib > quota_mib,
+        "the test needs an image above {quota_mib} MiB"
+    );
     let small = VmSpec {
         disk_mib: quota_mib as u32,
         ..spec()
@@ -584,7 +587,9 @@ async fn a_disk_quota_below_the_image_size_ends_writes_with_enospc() {
         disk_mib: 256,
         ..spec()
     };
-    let err = qemu.allocate(&tiny).await.err().expect("too small");
+    let Err(err) = qemu.allocate(&tiny).await else {
+        panic!("a 256 MiB disk is less than the image's files: the VM must be refused");
+    };
     assert!(err.to_string().contains("disk_mib = 256"), "{err}");
     vm.release().await.unwrap();
     assert_no_leak(runtime.path(), &[id]);
