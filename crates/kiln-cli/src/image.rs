@@ -158,6 +158,15 @@ pub async fn offer_default_image(file: &FileConfig, data: &Path, ask: bool) -> R
             exe.display()
         )
     };
+    let agent_found = std::env::var_os("KILN_AGENT").is_some() || image::find_agent().is_some();
+    if !agent_found {
+        // Without the static agent the build cannot start: say what comes first.
+        eprintln!(
+            "hint: no guest image is built, so steps run on this host; for real VMs build the \
+             static guest agent (see the README, \"Real VMs\"), then run: {command} --agent AGENT"
+        );
+        return Ok(false);
+    }
     let terminal = std::io::stdin().is_terminal() && std::io::stderr().is_terminal();
     if !(ask && terminal) {
         eprintln!(

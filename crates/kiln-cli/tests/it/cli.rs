@@ -534,6 +534,15 @@ fn runs_on_labels_no_vm_type_offers_exit_2_before_any_vm() {
         stderr.contains("Job `a` runs on VM type `big` and job `b` on `default`"),
         "{stderr}"
     );
+    // A job that does not run needs no VM type.
+    env.write(
+        "skipped.yml",
+        "on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    steps: [{run: echo}]\n  \
+         mac:\n    if: github.event_name == 'release'\n    runs-on: macos-latest\n    \
+         steps: [{run: echo}]\n",
+    );
+    let out = env.run(&["run", "skipped.yml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(env.leftovers().is_empty());
 }
 
@@ -546,6 +555,8 @@ fn without_an_image_auto_prints_how_to_build_one_when_not_on_a_terminal() {
     let out = env
         .kiln()
         .env("KILN_BACKEND", "auto")
+        // The agent an image build would use: present, so the hint is the build command.
+        .env("KILN_AGENT", env!("CARGO_BIN_EXE_kiln"))
         .args(["run", "ok.yml"])
         .output()
         .expect("kiln runs");
@@ -577,6 +588,8 @@ fn without_an_image_auto_asks_on_a_terminal_and_respects_no() {
             .env("KILN_BACKEND", "auto")
             .env("NO_COLOR", "1")
             .env("SHELL", "/bin/sh")
+            // Present, so kiln offers the build (answering no never starts it).
+            .env("KILN_AGENT", kiln)
             .env_remove("KILN_LOG")
             .env_remove("KILN_NO_PROMPT")
             .envs(extra_env.iter().copied())

@@ -369,6 +369,7 @@ impl WorkflowExecutor {
         let started = Instant::now();
         let name = workflow.display_name().to_owned();
         check_supported(workflow, &options.only_jobs)?;
+        let plan = vms::plan(workflow, options)?;
         let catalog = actions::catalog::build(
             &self.resolver,
             workflow,
@@ -384,7 +385,6 @@ impl WorkflowExecutor {
             workflow: workflow.file.to_string(),
             source: Box::new(source),
         })?;
-        let plan = vms::plan(workflow, options)?;
         // The whole-run time limit cancels the run like Ctrl-C does: running steps are killed,
         // cleanup runs, and the session is released.
         let limited = cancel.child_token();

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! before anything is allocated (plan):
-//!   every selected job whose runs-on (and matrix) can be evaluated without `needs`:
+//!   every selected job whose `if:` holds now and whose runs-on (and matrix) can be evaluated
+//!   without `needs`:
 //!     evaluate runs-on per matrix leg -> labels -> VM type        (no type: error, exit 2)
 //!   isolation = "workflow": all of them must select one type; it sizes the run's one VM
 //!   time limit: that type's timeout (isolation = "job": the longest of the types selected)
@@ -61,6 +62,13 @@ pub(super) fn plan(workflow: &Workflow, options: &RunOptions) -> Result<RunPlan,
             continue;
         }
         let ctx = options.context.base_contexts(workflow, job_id);
+        // A job that will not run needs no VM (an `if:` that depends on other jobs is
+        // checked again when the job starts).
+        if let Some(cond) = &job.if_cond
+            && !super::eval_condition(cond, &ctx, &host).unwrap_or(false)
+        {
+            continue;
+        }
         let Ok(legs) = context::matrix_legs(job, &ctx, &host, &options.matrix_filter) else {
             continue;
         };
