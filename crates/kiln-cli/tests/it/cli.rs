@@ -681,3 +681,83 @@ fn a_job_routed_to_a_vm_type_uses_that_types_pool() {
         env.leftovers()
     );
 }
+
+/// Quotas through `kiln run` on real VMs (each restored from its size's ready snapshot): the
+/// `default` type's size, a `[workflows."PATH"]` override for one workflow, and the disk quota
+/// ending a step's writes with ENOSPC.
+#[test]
+fn quotas_from_vm_types_and_workflow_overrides_hold_in_real_vms() {
+    if kiln_test_support::skip_vm_tests() {
+        return;
+    }
+    let image = kiln_test_support::default_image();
+    let data = image
+        .dir
+        .parent()
+        .and_then(Path::parent)
+        .expect("images live in <data>/images/<name>")
+        .to_path_buf();
+    let env = Env::new();
+    env.write(
+        "kiln.toml",
+        "[vm_types.default]\nvcpus = 1\nmemory_mib = 512\ndisk_mib = 1024\n\n\
+         [workflows.\".github/workflows/big.yml\"]\nvcpus = 2\nmemory_mib = 1024\n",
+    );
+    let probe = "echo \"$NAME nproc=$(nproc) mem=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)\"";
+    env.write(
+        ".github/workflows/small.yml",
+        &format!(
+            "on: push\njobs:\n  j:\n    runs-on: ubuntu-latest\n    env: {{NAME: small}}\n    \
+             steps:\n      - run: {probe:?}\n      - run: |\n          \
+             dd if=/dev/zero of=fill bs=1M 2>&1 || echo \"dd-status=$?\"\n"
+        ),
+    );
+    env.write(
+        ".github/workflows/big.yml",
+        &format!(
+            "on: push\njobs:\n  j:\n    runs-on: ubuntu-latest\n    env: {{NAME: big}}\n    \
+             steps:\n      - run: {probe:?}\n"
+        ),
+    );
+    let out = env
+        .kiln()
+        .args(["run", "--json", "--backend", "qemu", "--max-sessions", "1"])
+        .env("KILN_DATA_DIR", &data)
+        .output()
+        .expect("run");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let lines: Vec<String> = text(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["type"] == "log")
+        .filter_map(|e| e["line"].as_str().map(str::to_owned))
+        .collect();
+    let seen = |name: &str| -> (u32, u64) {
+        let line = lines
+            .iter()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no line of {name}: {lines:?}"));
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .unwrap_or_else(|| panic!("{k} in {line}"))
+                .to_owned()
+        };
+        (
+            field("nproc=").parse().expect("nproc"),
+            field("mem=").parse().expect("kB"),
+        )
+    };
+    let in_range = |kib: u64, mib: u64| (mib * 1024 * 8 / 10..=mib * 1024).contains(&kib);
+    let (nproc, mem) = seen("small");
+    assert!(nproc == 1 && in_range(mem, 512), "small: {nproc} CPUs, {mem} kB");
+    let (nproc, mem) = seen("big");
+    assert!(nproc == 2 && in_range(mem, 1024), "big: {nproc} CPUs, {mem} kB");
+    assert!(
+        lines.iter().any(|l| l.contains("No space left on device")),
+        "{lines:?}"
+    );
+    assert!(lines.iter().any(|l| l == "dd-status=1"), "{lines:?}");
+    assert!(env.leftovers().iter().all(|p| p.ends_with("pools")), "{:?}", env.leftovers());
+}
