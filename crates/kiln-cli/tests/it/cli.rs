@@ -751,13 +751,23 @@ fn quotas_from_vm_types_and_workflow_overrides_hold_in_real_vms() {
     };
     let in_range = |kib: u64, mib: u64| (mib * 1024 * 8 / 10..=mib * 1024).contains(&kib);
     let (nproc, mem) = seen("small");
-    assert!(nproc == 1 && in_range(mem, 512), "small: {nproc} CPUs, {mem} kB");
+    assert!(
+        nproc == 1 && in_range(mem, 512),
+        "small: {nproc} CPUs, {mem} kB"
+    );
     let (nproc, mem) = seen("big");
-    assert!(nproc == 2 && in_range(mem, 1024), "big: {nproc} CPUs, {mem} kB");
+    assert!(
+        nproc == 2 && in_range(mem, 1024),
+        "big: {nproc} CPUs, {mem} kB"
+    );
     assert!(
         lines.iter().any(|l| l.contains("No space left on device")),
         "{lines:?}"
     );
     assert!(lines.iter().any(|l| l == "dd-status=1"), "{lines:?}");
-    assert!(env.leftovers().iter().all(|p| p.ends_with("pools")), "{:?}", env.leftovers());
+    assert!(
+        env.leftovers().iter().all(|p| p.ends_with("pools")),
+        "{:?}",
+        env.leftovers()
+    );
 }
