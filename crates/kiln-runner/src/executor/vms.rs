@@ -235,3 +235,71 @@ fn mentions_needs(value: &serde_json::Value) -> bool {
         _ => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eval(runs_on: serde_json::Value, matrix: serde_json::Value) -> Result<Vec<String>, String> {
+        let mut ctx = IndexMap::new();
+        ctx.insert("matrix".to_owned(), Value::from_json(matrix));
+        ctx.insert(
+            "inputs".to_owned(),
+            Value::from_json(serde_json::json!({"size": "big"})),
+        );
+        let host = StaticHost::new(JobStatus::Success);
+        let value = evaluate(
+            &runs_on,
+            &EvalContext {
+                contexts: &ctx,
+                host: &host,
+            },
+        )?;
+        runs_on_labels("j", &value).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn runs_on_expressions_are_evaluated_and_lists_spliced() {
+        let labels = |l: &[&str]| l.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            eval(
+                serde_json::json!("${{ matrix.os }}"),
+                serde_json::json!({"os": "ubuntu-22.04"})
+            ),
+            Ok(labels(&["ubuntu-22.04"]))
+        );
+        assert_eq!(
+            eval(
+                serde_json::json!(["self-hosted", "${{ matrix.os }}"]),
+                serde_json::json!({"os": ["linux", "gpu"]})
+            ),
+            Ok(labels(&["self-hosted", "linux", "gpu"]))
+        );
+        assert_eq!(
+            eval(
+                serde_json::json!({"group": "g", "labels": "${{ inputs.size }}-runner"}),
+                serde_json::json!({})
+            ),
+            Ok(labels(&["big-runner"]))
+        );
+        assert_eq!(
+            eval(
+                serde_json::json!("${{ fromJSON('[\"a\", \"b\"]') }}"),
+                serde_json::json!({})
+            ),
+            Ok(labels(&["a", "b"]))
+        );
+        assert!(eval(serde_json::json!("${{ matrix.os"), serde_json::json!({})).is_err());
+    }
+
+    #[test]
+    fn runs_on_that_uses_needs_waits_for_the_job_to_start() {
+        assert!(mentions_needs(&serde_json::json!([
+            "${{ needs.setup.outputs.runner }}"
+        ])));
+        assert!(mentions_needs(
+            &serde_json::json!({"labels": "${{ NEEDS.a.outputs.x }}"})
+        ));
+        assert!(!mentions_needs(&serde_json::json!("${{ matrix.os }}")));
+    }
+}
