@@ -212,6 +212,11 @@ impl FileConfig {
         Ok(config)
     }
 
+    /// The VM types and per-workflow quotas, checked against the ceilings (`--image` aside).
+    pub fn vm_config(&self) -> anyhow::Result<VmConfig> {
+        vm_config(self, None)
+    }
+
     /// The `[server]` section.
     pub fn server(&self) -> &ServerSection {
         &self.server

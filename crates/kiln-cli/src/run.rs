@@ -496,6 +496,35 @@ pub async fn doctor(file: &FileConfig) -> Result<u8, Exit> {
         }
         Err(e) => println!("images:       unreadable: {e}"),
     }
+    match file.vm_config() {
+        Ok(vms) => {
+            for ty in vms.types.types() {
+                let limit = ty.timeout.map_or_else(
+                    || "no run time limit".to_owned(),
+                    |t| format!("runs up to {} min", t.as_secs() / 60),
+                );
+                println!(
+                    "vm type:      {ty}, {limit}; runs-on [{}]",
+                    vms.types.labels_of(ty).join(", ")
+                );
+            }
+            for (path, quota) in &vms.quotas {
+                let set: Vec<String> = [
+                    quota.vcpus.map(|n| format!("{n} vCPU")),
+                    quota.memory_mib.map(|n| format!("{n} MiB memory")),
+                    quota.disk_mib.map(|n| format!("{n} MiB disk")),
+                    quota
+                        .timeout
+                        .map(|t| format!("runs up to {} min", t.as_secs() / 60)),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                println!("quota:        {path}: {}", set.join(", "));
+            }
+        }
+        Err(e) => println!("vm types:     invalid: {e:#}"),
+    }
     println!();
     let mut best = None;
     for kind in [
