@@ -622,7 +622,7 @@ fn without_an_image_auto_asks_on_a_terminal_and_respects_no() {
     assert_eq!(code, Some(0), "{screen}");
     assert!(
         screen.contains("Build the default image now"),
-        "no question: {screen}"
+        "no question (QEMU must be installed for the offer): {screen}"
     );
     assert!(screen.contains("[y/N]"), "{screen}");
     assert!(screen.contains("Not building it"), "{screen}");
