@@ -193,7 +193,8 @@ impl VmTypes {
                 }
             }
         }
-        labels.dedup();
+        let mut seen = std::collections::HashSet::new();
+        labels.retain(|l| seen.insert(l.clone()));
         labels
     }
 
@@ -350,6 +351,8 @@ mod tests {
             ty("big", &["16-core", "gpu"], 8),
         ]);
         assert_eq!(pick(&types, &["big"]), Ok("big"));
+        let repeated = VmTypes::new(vec![ty("big", &["GPU", "big", "gpu"], 8)]);
+        assert_eq!(repeated.labels_of(&repeated.types()[1]), ["big", "gpu"]);
         assert_eq!(pick(&types, &["self-hosted", "16-core"]), Ok("big"));
         assert_eq!(pick(&types, &["16-core", "gpu"]), Ok("big"));
         // `ubuntu-latest` is only a label of default: no type has both.
