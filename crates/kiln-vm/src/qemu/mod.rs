@@ -12,8 +12,9 @@
 //!    - smaller: ext4 cannot shrink while mounted, so the difference is taken up at boot by a
 //!      root-owned reserve file, `fallocate`d (blocks marked in use without a byte written, so
 //!      the overlay does not grow). Writes past the quota fail with ENOSPC. The hard bound the
-//!      host enforces is the overlay's virtual size (the image's size); guest root, which the
-//!      `runner` user reaches with sudo, could delete the reserve and write up to it.
+//!      host enforces is the overlay's virtual size (the image's size): the reserve is immutable
+//!      (`chattr +i`), but guest root, which the `runner` user reaches with sudo, could lift
+//!      that, delete it and write up to the image's size.
 //! 3. QEMU starts with `-M microvm` (virtio-mmio devices announced through ACPI), `-nodefaults
 //!    -no-user-config -nographic -no-reboot`, the image's kernel and initramfs, the overlay as a
 //!    virtio-blk disk (`kiln.root=/dev/vda`), a virtio-serial port named `kiln.agent` whose host
@@ -999,7 +1000,8 @@ impl QemuVm {
             RootDisk::AsIs => {}
             RootDisk::Grow => script.push_str(" && resize2fs /dev/vda >/dev/null"),
             RootDisk::Reserve { mib } => script.push_str(&format!(
-                " && fallocate -l {mib}MiB {DISK_RESERVE} && chmod 0 {DISK_RESERVE}"
+                " && fallocate -l {mib}MiB {DISK_RESERVE} && chmod 0 {DISK_RESERVE} \
+                 && (chattr +i {DISK_RESERVE} 2>/dev/null || true)"
             )),
         }
         let request = ExecRequest {

@@ -570,6 +570,21 @@ async fn a_disk_quota_below_the_image_size_ends_writes_with_enospc() {
         "wrote {} MiB with {avail_mib} MiB free",
         written >> 20
     );
+    // Not even a careless `sudo rm` frees the reserve.
+    let rm = run(
+        &*vm,
+        &[
+            "sh",
+            "-c",
+            "sudo -u runner sudo rm -f /var/lib/kiln-disk-reserve",
+        ],
+    )
+    .await;
+    assert!(
+        !rm.status.success(),
+        "the reserve could be removed: {}",
+        rm.stdout
+    );
     // The host's writable layer holds what the guest wrote, not the image-sized reserve.
     let overlay = runtime.path().join(&id).join("disk.qcow2");
     let allocated = {
