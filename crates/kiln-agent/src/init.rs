@@ -6,7 +6,9 @@
 //!    makes progress (the order of a kernel's module dependencies changes between releases, so
 //!    it is never hard-coded); a module already loaded (`EEXIST`) counts as loaded.
 //! 3. When the kernel command line has `kiln.root=DEV`, wait for `DEV`, mount it (ext4) at
-//!    `/newroot`, move `/dev`, `/proc`, `/sys` and `/run` onto it and switch to it the way
+//!    `/newroot` (with `kiln.overlay=SCRATCH`: mount `DEV` read-only and an overlayfs at
+//!    `/newroot` whose upper layer is on the ext4 disk `SCRATCH`, Firecracker's writable root),
+//!    move `/dev`, `/proc`, `/sys` and `/run` onto it and switch to it the way
 //!    `switch_root` does: `chdir`, `mount --move . /`, `chroot .`. The initramfs stays in memory
 //!    (it holds only the agent and a few modules).
 //! 4. In the final root: `/dev/pts`, `/dev/shm`, `/tmp`, the `/dev/fd` links, loopback up, and
@@ -153,6 +155,8 @@ pub fn boot() -> Result<(), InitError> {
             },
             None => log!("ignoring malformed kiln.net={value}"),
         }
+    } else {
+        log!("no network: the host configured none (no kiln.net= on the kernel command line)");
     }
     Ok(())
 }
@@ -234,8 +238,29 @@ fn load_module(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Mounts `device` at `/newroot` and makes it `/`.
-fn switch_root(device: &str) -> Result<(), InitError> {
+/// Mounts `base` read-only and an overlayfs at `/newroot` whose writable layer is on the ext4
+/// `scratch` disk: the VM writes only to its scratch disk, and the shared base stays untouched.
+fn mount_overlay(base: &str, fstype: &str, scratch: &str) -> Result<(), InitError> {
+    wait_for_device(scratch)?;
+    mount_fs(base, "/kiln/lower", fstype, MountFlags::RDONLY, None)?;
+    mount_fs(scratch, "/kiln/rw", "ext4", MountFlags::empty(), None)?;
+    for dir in ["/kiln/rw/upper", "/kiln/rw/work"] {
+        std::fs::create_dir_all(dir).map_err(|source| InitError::Mount {
+            what: "overlay".to_owned(),
+            target: dir.to_owned(),
+            source,
+        })?;
+    }
+    mount_fs(
+        "overlay",
+        "/newroot",
+        "overlay",
+        MountFlags::empty(),
+        Some(c"lowerdir=/kiln/lower,upperdir=/kiln/rw/upper,workdir=/kiln/rw/work"),
+    )
+}
+
+fn wait_for_device(device: &str) -> Result<(), InitError> {
     let started = Instant::now();
     while !Path::new(device).exists() {
         if started.elapsed() > ROOT_WAIT {
@@ -243,10 +268,18 @@ fn switch_root(device: &str) -> Result<(), InitError> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let fstype = cmdline_value(&cmdline(), "kiln.rootfstype")
-        .unwrap_or("ext4")
-        .to_owned();
-    mount_fs(device, "/newroot", &fstype, MountFlags::empty(), None)?;
+    Ok(())
+}
+
+/// Mounts `device` at `/newroot` (or the overlay of `kiln.overlay=`) and makes it `/`.
+fn switch_root(device: &str) -> Result<(), InitError> {
+    wait_for_device(device)?;
+    let cmdline = cmdline();
+    let fstype = cmdline_value(&cmdline, "kiln.rootfstype").unwrap_or("ext4");
+    match cmdline_value(&cmdline, "kiln.overlay") {
+        Some(scratch) => mount_overlay(device, fstype, scratch)?,
+        None => mount_fs(device, "/newroot", fstype, MountFlags::empty(), None)?,
+    }
     for dir in ["/dev", "/proc", "/sys", "/run"] {
         let target = format!("/newroot{dir}");
         let _ = std::fs::create_dir_all(&target);

@@ -3,7 +3,8 @@
 //! # Modes
 //! - **PID 1** (started by the kernel as `init`, with no arguments): boots the guest (see
 //!   [`init`]: mounts, modules from `/kiln/modules.order`, switch to `kiln.root=`, loopback),
-//!   then serves the protocol on the virtio-serial port `kiln.agent`. If the host disconnects it
+//!   then serves the protocol on the virtio-serial port `kiln.agent` (or on vsock, see [`vsock`]).
+//!   If the host disconnects it
 //!   waits for it again; on `Shutdown` it kills everything, syncs and powers off. PID 1 also
 //!   reaps every orphan in the guest ([`reaper`]).
 //!
@@ -36,6 +37,7 @@ mod net;
 mod reaper;
 mod serve;
 mod system;
+mod vsock;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -171,13 +173,25 @@ async fn pid1_serve() {
         }
     };
     let cmdline = init::cmdline();
-    if let Some(channel) = init::cmdline_value(&cmdline, "kiln.channel")
-        && channel != "virtio-serial"
-    {
-        log!("unsupported kiln.channel={channel}; using the virtio-serial port");
-    }
+    let channel = init::cmdline_value(&cmdline, "kiln.channel").unwrap_or("virtio-serial");
+    // `kiln.channel=vsock` (Firecracker): one listener for the agent's whole life.
+    let listener = match channel {
+        "vsock" => match vsock::VsockListener::bind(kiln_proto::AGENT_VSOCK_PORT) {
+            Ok(listener) => Some(listener),
+            Err(e) => return log!("cannot listen on vsock: {e}"),
+        },
+        "virtio-serial" => None,
+        other => {
+            log!("unsupported kiln.channel={other}; using the virtio-serial port");
+            None
+        }
+    };
     loop {
-        let stream = match channel::open_virtio_port().await {
+        let opened = match &listener {
+            Some(listener) => listener.accept().await,
+            None => channel::open_virtio_port().await,
+        };
+        let stream = match opened {
             Ok(stream) => stream,
             Err(e) => {
                 log!("cannot open the agent channel: {e}");

@@ -84,3 +84,7 @@ pub const CHUNK_LEN: usize = 64 * 1024;
 
 /// The name of the virtio-serial port the agent serves the protocol on.
 pub const VIRTIO_PORT_NAME: &str = "kiln.agent";
+
+/// The vsock port the agent listens on when the host asks for `kiln.channel=vsock`
+/// (Firecracker, which has no virtio-serial).
+pub const AGENT_VSOCK_PORT: u32 = 1024;

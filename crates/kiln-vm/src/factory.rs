@@ -6,6 +6,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::firecracker::{self, FirecrackerConfig, FirecrackerProvider, JailerConfig};
 use crate::local::LocalProvider;
 use crate::qemu::{self, Accel, Network, QemuConfig, QemuProvider};
 use crate::{VmError, VmProvider, VmSpec, image};
@@ -66,6 +67,10 @@ pub struct BackendConfig {
     pub network: Network,
     /// From starting a VM to its agent's answer (`[runner] boot_timeout_seconds`).
     pub boot_timeout: Duration,
+    /// The Firecracker binary (`[firecracker] binary`).
+    pub firecracker_binary: PathBuf,
+    /// Firecracker's jailer, when enabled (`[firecracker] jailer`).
+    pub jailer: Option<JailerConfig>,
 }
 
 impl BackendConfig {
@@ -79,6 +84,19 @@ impl BackendConfig {
             accel: Accel::Auto,
             network: Network::User,
             boot_timeout: qemu::DEFAULT_BOOT_TIMEOUT,
+            firecracker_binary: PathBuf::from("firecracker"),
+            jailer: None,
+        }
+    }
+
+    /// The Firecracker backend's settings.
+    pub fn firecracker(&self) -> FirecrackerConfig {
+        FirecrackerConfig {
+            runtime_dir: self.runtime_dir.clone(),
+            data_dir: self.data_dir.clone(),
+            binary: self.firecracker_binary.clone(),
+            jailer: self.jailer.clone(),
+            boot_timeout: self.boot_timeout,
         }
     }
 
@@ -158,10 +176,33 @@ pub async fn select_backend(
                 reason: "requested with --backend qemu".to_owned(),
             })
         }
-        BackendKind::Firecracker => Err(VmError::Unavailable {
-            backend: "firecracker",
-            reason: "the Firecracker backend is not implemented yet".to_owned(),
-        }),
+        BackendKind::Firecracker => {
+            let provider = FirecrackerProvider::new(config.firecracker())?;
+            let images = image::list(&config.data_dir).map_err(|e| VmError::Unavailable {
+                backend: "firecracker",
+                reason: e.to_string(),
+            })?;
+            let Some(image) = images.iter().find(|i| i.name() == "default").or(images.first())
+            else {
+                return Err(VmError::Unavailable {
+                    backend: "firecracker",
+                    reason: format!(
+                        "no guest image is built in {}; run `kiln image build`",
+                        image::images_dir(&config.data_dir).display()
+                    ),
+                });
+            };
+            if let Some(reason) = firecracker::image_problem(image) {
+                return Err(VmError::Unavailable {
+                    backend: "firecracker",
+                    reason,
+                });
+            }
+            Ok(Selection {
+                provider: Arc::new(provider),
+                reason: "requested with --backend firecracker".to_owned(),
+            })
+        }
     }
 }
 

@@ -9,6 +9,8 @@
 //!   the development backend, and says so loudly whenever it is chosen.
 //! - `qemu`: a real microVM per session (KVM where it works, TCG elsewhere), driven through the
 //!   guest agent (see [`guest`]).
+//! - [`firecracker`]: a Firecracker microVM per session (needs working KVM), configured through
+//!   its REST API, with the agent on vsock.
 //!
 //! [`select_backend`] is the one factory: it picks a backend for `auto|local|qemu|firecracker`
 //! and reports why.
@@ -25,6 +27,7 @@
 #![warn(missing_docs)]
 
 mod factory;
+pub mod firecracker;
 pub mod guest;
 pub mod image;
 pub mod local;

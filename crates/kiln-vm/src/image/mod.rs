@@ -82,7 +82,9 @@ pub const DEFAULT_ROOTFS_MIB: u32 = 8192;
 const FORMAT_VERSION: u32 = 1;
 
 /// The drivers the initramfs loads (plus their dependencies): virtio over MMIO (microvm) and PCI,
-/// the root disk, the agent's virtio-serial port, the network, entropy, and vsock.
+/// the root disk, the agent's virtio-serial port, the network, entropy, vsock (Firecracker's
+/// agent channel) and overlayfs (Firecracker's writable root over the read-only base). Part of
+/// the rootfs hash: a changed list rebuilds the image's kernel files.
 const WANTED_MODULES: &[&str] = &[
     "virtio_mmio",
     "virtio_pci",
@@ -91,6 +93,7 @@ const WANTED_MODULES: &[&str] = &[
     "virtio_net",
     "virtio_rng",
     "vmw_vsock_virtio_transport",
+    "overlay",
 ];
 
 /// The guest's user for steps, with passwordless sudo, as on GitHub's hosted runners.
@@ -237,6 +240,7 @@ impl ImageRecipe {
         h.update(format!("kiln-image-format {FORMAT_VERSION}\n"));
         h.update(format!("suite {}\nmirror {}\n", self.suite, self.mirror));
         h.update(format!("rootfs_mib {}\n", self.rootfs_mib));
+        h.update(format!("modules {}\n", WANTED_MODULES.join(",")));
         for p in self.package_set() {
             h.update(format!("package {p}\n"));
         }

@@ -537,7 +537,7 @@ pub(crate) async fn connect_unix(path: &Path) -> std::io::Result<UnixStream> {
 
 /// The last lines of the guest console. A kernel panic or oops further up than that is put first,
 /// since it is what explains a dead guest and its backtrace pushes it out of the tail.
-fn console_tail(path: &Path) -> String {
+pub(crate) fn console_tail(path: &Path) -> String {
     const TAIL_BYTES: u64 = 16384;
     const TAIL_LINES: usize = 25;
     let Ok(mut file) = std::fs::File::open(path) else {

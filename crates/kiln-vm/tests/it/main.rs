@@ -4,6 +4,8 @@
 //! are in the `kiln-test-support` crate.
 
 mod bench;
+mod conformance;
+mod firecracker;
 mod image_build;
 mod qemu_vm;
 

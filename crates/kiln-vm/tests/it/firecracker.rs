@@ -1,0 +1,437 @@
+//! The Firecracker backend against real Firecracker, in three tiers:
+//!
+//! 1. **Always** (CI has no Firecracker): a missing binary, and a "firecracker" that dies at
+//!    once, give clear errors and leave nothing behind.
+//! 2. **API level**, `#[ignore = "needs KILN_FIRECRACKER_BIN"]`: a real `firecracker` binary
+//!    configures and starts a VM, serves pause/resume, writes full and diff snapshots that load
+//!    in fresh processes, creates its vsock socket, reports a crash, and release (or the sweep
+//!    after a dead kiln) leaves nothing. These need no guest to boot, so they run on hosts whose
+//!    KVM cannot run the guest. `scripts/test` runs them with `--ignored` when
+//!    `KILN_FIRECRACKER_BIN` is set.
+//! 3. **Guest level**, ignored unless the host's KVM boots guests too
+//!    (`KILN_FIRECRACKER_KVM=1`, which `scripts/test` passes on): the backend conformance suite,
+//!    the agent over vsock, the overlay root, and a snapshot restored into a working VM.
+//!
+//! Ignored tests show up as skipped in the test summary, with the reason; a skip never counts
+//! as a pass. Run by hand with `--ignored` but without the binary, they fail saying what is
+//! missing.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kiln_vm::firecracker::{FirecrackerConfig, FirecrackerProvider, vsock};
+use kiln_vm::{BackendConfig, BackendKind, VmError, VmProvider, VmSpec, select_backend};
+
+use crate::support;
+
+static FC_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn spec() -> VmSpec {
+    VmSpec {
+        vcpus: 1,
+        memory_mib: 256,
+        disk_mib: 1024,
+        ..VmSpec::default()
+    }
+}
+
+fn binary() -> PathBuf {
+    match std::env::var_os("KILN_FIRECRACKER_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => panic!(
+            "KILN_FIRECRACKER_BIN is not set: this test needs a firecracker binary \
+             (see the README's \"Production hosts\")"
+        ),
+    }
+}
+
+fn config(runtime: &Path, binary: PathBuf, timeout: Duration) -> FirecrackerConfig {
+    let mut config = FirecrackerConfig::new(runtime.to_owned(), support::data_dir());
+    config.binary = binary;
+    config.boot_timeout = timeout;
+    config
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+        !s.lines()
+            .any(|l| l.starts_with("State:") && l.contains('Z'))
+    })
+}
+
+/// Processes whose command line names `id` (Firecracker runs with `--id <id>`).
+fn processes_of(id: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline"))
+            && cmdline.split(|&b| b == 0).any(|a| a == id.as_bytes())
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn assert_empty(runtime: &Path) {
+    let left: Vec<_> = std::fs::read_dir(runtime)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// Waits until the guest kernel has printed its banner on the serial console.
+async fn wait_for_kernel(machine: &kiln_vm::firecracker::Machine) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !machine.console().contains("Linux version") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no kernel output on the console: {:?}",
+            machine.console()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---- tier 1: always ----
+
+#[tokio::test]
+async fn a_missing_binary_is_unavailable_and_named() {
+    let runtime = tempfile::tempdir().unwrap();
+    let mut config = BackendConfig::new(runtime.path().to_owned(), support::data_dir());
+    config.firecracker_binary = "/nonexistent/firecracker".into();
+    let err = select_backend(BackendKind::Firecracker, &config)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, VmError::Unavailable { .. }), "{err}");
+    assert!(err.to_string().contains("/nonexistent/firecracker"), "{err}");
+    assert_empty(runtime.path());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_firecracker_that_dies_at_once_is_a_boot_error_and_leaves_nothing() {
+    if support::skip_vm_tests() {
+        return;
+    }
+    tokio::task::spawn_blocking(support::default_image)
+        .await
+        .unwrap();
+    let bin = tempfile::tempdir().unwrap();
+    let fake = bin.path().join("firecracker");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'Error: cannot open /dev/kvm (stand-in that always fails)' >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &fake,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
+    )
+    .unwrap();
+    let runtime = tempfile::tempdir().unwrap();
+    let provider =
+        match FirecrackerProvider::new(config(runtime.path(), fake, Duration::from_secs(20))) {
+            Ok(p) => p,
+            Err(e) => panic!("the provider needs /dev/kvm and mke2fs here: {e}"),
+        };
+    let err = provider.allocate(&spec()).await.unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, VmError::Boot { .. }), "{text}");
+    assert!(text.contains("Firecracker exited"), "{text}");
+    assert!(text.contains("stand-in that always fails"), "{text}");
+    assert!(text.contains("guest console"), "{text}");
+    assert_empty(runtime.path());
+}
+
+// ---- tier 2: API level, needs the binary ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs KILN_FIRECRACKER_BIN"]
+async fn api_configure_start_console_pause_resume_vsock_and_release() {
+    let binary = binary();
+    tokio::task::spawn_blocking(support::default_image)
+        .await
+        .unwrap();
+    let _lock = FC_LOCK.lock().await;
+    let runtime = tempfile::tempdir().unwrap();
+    let provider =
+        FirecrackerProvider::new(config(runtime.path(), binary.clone(), Duration::from_secs(60)))
+            .unwrap();
+    let version = kiln_vm::firecracker::version(&binary).await.unwrap();
+    assert!(version.starts_with("Firecracker v"), "{version}");
+
+    let machine = provider.start(&spec()).await.expect("configured and started");
+    let info = machine.describe().await.unwrap();
+    assert_eq!(info.id, machine.id());
+    assert_eq!(info.state, "Running");
+    assert!(
+        version.contains(&info.vmm_version),
+        "{version} vs {}",
+        info.vmm_version
+    );
+    // The serial console is captured.
+    wait_for_kernel(&machine).await;
+    // The vsock device's proxy socket is there and speaks the CONNECT protocol: a port nobody
+    // listens on is refused (or unanswered by a guest that is not running its kernel).
+    assert!(machine.vsock_path().exists());
+    let err = vsock::connect(&machine.vsock_path(), 4321).await.unwrap_err();
+    assert!(
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::ConnectionRefused
+                | std::io::ErrorKind::TimedOut
+                | std::io::ErrorKind::ConnectionReset
+        ),
+        "{err}"
+    );
+    machine.pause().await.unwrap();
+    assert_eq!(machine.describe().await.unwrap().state, "Paused");
+    machine.resume().await.unwrap();
+    assert_eq!(machine.describe().await.unwrap().state, "Running");
+
+    let pid = machine.pid().unwrap();
+    let id = machine.id().to_owned();
+    machine.release().await.unwrap();
+    machine.release().await.unwrap();
+    assert!(!alive(pid), "Firecracker {pid} survived release");
+    assert!(processes_of(&id).is_empty());
+    assert_empty(runtime.path());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs KILN_FIRECRACKER_BIN"]
+async fn api_full_and_diff_snapshots_load_in_fresh_processes() {
+    let binary = binary();
+    tokio::task::spawn_blocking(support::default_image)
+        .await
+        .unwrap();
+    let _lock = FC_LOCK.lock().await;
+    let runtime = tempfile::tempdir().unwrap();
+    let snapshots = tempfile::tempdir().unwrap();
+    let provider =
+        FirecrackerProvider::new(config(runtime.path(), binary, Duration::from_secs(60))).unwrap();
+    let spec = spec();
+
+    let first = provider.start(&spec).await.unwrap();
+    wait_for_kernel(&first).await;
+    assert!(!first.saves_diff(), "a cold VM writes a full snapshot");
+    let full = first.save(&snapshots.path().join("full")).await.unwrap();
+    first.release().await.unwrap();
+    let memory = std::fs::metadata(full.dir.join("memory")).unwrap().len();
+    assert_eq!(memory, u64::from(spec.memory_mib) << 20);
+    assert!(full.dir.join("vmstate").is_file());
+    assert!(full.dir.join("scratch.ext4").is_file());
+    assert_eq!(full.spec, spec);
+
+    // Load into a fresh process and resume.
+    let second = provider.load(&full).await.expect("the full snapshot loads");
+    assert_eq!(second.describe().await.unwrap().state, "Running");
+    assert_ne!(second.id(), "");
+    // A restored VM writes a diff snapshot, merged onto the memory it came from.
+    assert!(second.saves_diff());
+    let diff = second.save(&snapshots.path().join("diff")).await.unwrap();
+    second.release().await.unwrap();
+    assert_eq!(
+        std::fs::metadata(diff.dir.join("memory")).unwrap().len(),
+        memory
+    );
+    let third = provider.load(&diff).await.expect("the diff snapshot loads");
+    assert_eq!(third.describe().await.unwrap().state, "Running");
+    third.pause().await.unwrap();
+    third.resume().await.unwrap();
+    third.release().await.unwrap();
+
+    // The snapshots survive their VMs; deleting them is the provider's job.
+    provider.delete_snapshot(&full).await.unwrap();
+    provider.delete_snapshot(&diff).await.unwrap();
+    provider.delete_snapshot(&diff).await.unwrap();
+    assert!(!full.dir.exists() && !diff.dir.exists());
+    assert_empty(runtime.path());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs KILN_FIRECRACKER_BIN"]
+async fn api_a_refused_call_is_named_and_leaves_nothing() {
+    let binary = binary();
+    tokio::task::spawn_blocking(support::default_image)
+        .await
+        .unwrap();
+    let _lock = FC_LOCK.lock().await;
+    let runtime = tempfile::tempdir().unwrap();
+    let provider =
+        FirecrackerProvider::new(config(runtime.path(), binary, Duration::from_secs(60))).unwrap();
+    // More vCPUs than KVM and Firecracker allow: refused by the API, not by a crash.
+    let huge = VmSpec {
+        vcpus: 31,
+        memory_mib: u32::MAX / 2,
+        ..spec()
+    };
+    let err = provider.start(&huge).await.unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, VmError::Boot { .. }), "{text}");
+    assert!(text.contains("Firecracker refused PUT /"), "{text}");
+    assert_empty(runtime.path());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs KILN_FIRECRACKER_BIN"]
+async fn api_a_crash_is_noticed_and_release_leaves_nothing() {
+    let binary = binary();
+    tokio::task::spawn_blocking(support::default_image)
+        .await
+        .unwrap();
+    let _lock = FC_LOCK.lock().await;
+    let runtime = tempfile::tempdir().unwrap();
+    let provider =
+        FirecrackerProvider::new(config(runtime.path(), binary, Duration::from_secs(60))).unwrap();
+    let machine = provider.start(&spec()).await.unwrap();
+    let pid = machine.pid().unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), machine.exited())
+        .await
+        .expect("the death is noticed");
+    assert!(status.contains("signal: 9"), "{status}");
+    assert!(machine.pid().is_none());
+    machine.release().await.unwrap();
+    assert_empty(runtime.path());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs KILN_FIRECRACKER_BIN"]
+async fn api_vms_of_a_dead_kiln_are_reaped_by_the_next() {
+    let binary = binary();
+    tokio::task::spawn_blocking(support::default_image)
+        .await
+        .unwrap();
+    let _lock = FC_LOCK.lock().await;
+    let runtime = tempfile::tempdir().unwrap();
+    let fc_config = config(runtime.path(), binary, Duration::from_secs(60));
+    let provider = FirecrackerProvider::new(fc_config.clone()).unwrap();
+    let machine = provider.start(&spec()).await.unwrap();
+    let (pid, dir, id) = (
+        machine.pid().unwrap(),
+        machine.dir().to_owned(),
+        machine.id().to_owned(),
+    );
+    // As if kiln had been SIGKILLed: nothing ran the release, and the owner pid is dead.
+    std::mem::forget(machine);
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    std::fs::write(dir.join("owner"), dead.to_string()).unwrap();
+    assert!(alive(pid));
+    FirecrackerProvider::new(fc_config).unwrap();
+    support::wait_until("the orphan to die", Duration::from_secs(10), || {
+        !alive(pid)
+    });
+    assert!(processes_of(&id).is_empty());
+    assert_empty(runtime.path());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs KILN_FIRECRACKER_BIN"]
+async fn api_allocation_either_boots_or_fails_with_the_console_and_leaves_nothing() {
+    let binary = binary();
+    tokio::task::spawn_blocking(support::default_image)
+        .await
+        .unwrap();
+    let _lock = FC_LOCK.lock().await;
+    let runtime = tempfile::tempdir().unwrap();
+    let provider =
+        FirecrackerProvider::new(config(runtime.path(), binary, Duration::from_secs(15)))
+            .unwrap();
+    match provider.allocate(&spec()).await {
+        Err(err) => {
+            // Hosts whose KVM cannot run the guest: the boot timeout (or the guest's death)
+            // is a boot error carrying the kernel's console output.
+            let text = err.to_string();
+            eprintln!("allocation failed as expected on a host without a usable KVM:\n{text}");
+            assert!(matches!(err, VmError::Boot { .. }), "{text}");
+            assert!(text.contains("--- guest console (last lines) ---"), "{text}");
+            assert!(
+                !text.ends_with("(no console output)"),
+                "the console was not captured: {text}"
+            );
+        }
+        Ok(allocation) => {
+            // Hosts whose KVM works: a VM with its agent, released without a trace.
+            let out = crate::conformance::sh(&*allocation.vm, "cat /proc/1/comm").await;
+            assert!(!out.is_empty());
+            provider.release(&*allocation.vm).await.unwrap();
+        }
+    }
+    assert_empty(runtime.path());
+}
+
+// ---- tier 3: guest level, needs the binary and a KVM that boots guests ----
+
+async fn guest_provider(runtime: &Path) -> FirecrackerProvider {
+    let binary = binary();
+    assert!(
+        std::env::var("KILN_FIRECRACKER_KVM").is_ok_and(|v| v == "1"),
+        "KILN_FIRECRACKER_KVM=1 is not set: the guest-level tests need a KVM host that boots \
+         guests (check with `kiln doctor`)"
+    );
+    tokio::task::spawn_blocking(support::default_image)
+        .await
+        .unwrap();
+    let provider =
+        FirecrackerProvider::new(config(runtime, binary, Duration::from_secs(60))).unwrap();
+    let (works, why) = provider.kvm_probe(&spec()).await.unwrap();
+    assert!(works, "KVM does not boot Firecracker guests here: {why}");
+    provider
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs KILN_FIRECRACKER_BIN and a KVM host that boots guests (KILN_FIRECRACKER_KVM=1)"]
+async fn guest_firecracker_backend_conforms() {
+    let _lock = FC_LOCK.lock().await;
+    let runtime = tempfile::tempdir().unwrap();
+    let provider = guest_provider(runtime.path()).await;
+    crate::conformance::suite(&provider, &spec(), runtime.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs KILN_FIRECRACKER_BIN and a KVM host that boots guests (KILN_FIRECRACKER_KVM=1)"]
+async fn guest_agent_over_vsock_overlay_root_and_snapshot_restore() {
+    let _lock = FC_LOCK.lock().await;
+    let runtime = tempfile::tempdir().unwrap();
+    let provider = guest_provider(runtime.path()).await;
+    let image = support::default_image();
+    let base_before = std::fs::read(image.rootfs()).unwrap().len();
+    let a = provider.allocate(&spec()).await.unwrap();
+    let sh = crate::conformance::sh;
+    // The root is an overlay over the read-only base; writes land on the scratch disk.
+    let root = sh(&*a.vm, "grep ' / ' /proc/mounts").await;
+    assert!(root.contains("overlay"), "{root}");
+    sh(&*a.vm, "echo a > /etc/kiln-mark && sync").await;
+    assert_eq!(sh(&*a.vm, "uname -r").await, image.manifest.kernel_version);
+    assert_eq!(sh(&*a.vm, "hostname").await, a.vm.id());
+    // Snapshot and restore: the restored VM has the file, a new identity, and works.
+    let snapshots = tempfile::tempdir().unwrap();
+    let snap = a.vm.snapshot(&snapshots.path().join("s")).await.unwrap();
+    provider.release(&*a.vm).await.unwrap();
+    let b = provider.restore(&snap).await.unwrap();
+    assert_eq!(sh(&*b.vm, "cat /etc/kiln-mark").await, "a");
+    assert_eq!(sh(&*b.vm, "hostname").await, b.vm.id());
+    let c = provider.allocate(&spec()).await.unwrap();
+    assert_eq!(
+        sh(&*c.vm, "cat /etc/kiln-mark 2>/dev/null || echo none").await,
+        "none"
+    );
+    provider.release(&*b.vm).await.unwrap();
+    provider.release(&*c.vm).await.unwrap();
+    provider.delete_snapshot(&snap).await.unwrap();
+    assert_eq!(std::fs::read(image.rootfs()).unwrap().len(), base_before);
+    assert_empty(runtime.path());
+}
