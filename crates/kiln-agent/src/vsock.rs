@@ -106,10 +106,7 @@ mod tests {
 
     #[test]
     fn the_address_is_a_sockaddr_vm() {
-        let addr = VsockAddr {
-            cid: 3,
-            port: 1024,
-        };
+        let addr = VsockAddr { cid: 3, port: 1024 };
         let raw = addr.sockaddr();
         assert_eq!(i32::from(raw.svm_family), libc::AF_VSOCK);
         assert_eq!((raw.svm_cid, raw.svm_port), (3, 1024));

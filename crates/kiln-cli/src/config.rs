@@ -36,7 +36,7 @@ pub struct FileConfig {
     #[serde(default)]
     qemu: QemuSection,
     #[serde(default)]
-    firecracker: Option<toml::Table>,
+    firecracker: Option<kiln_vm::firecracker::FirecrackerSection>,
     #[serde(default)]
     server: ServerSection,
 }
@@ -201,14 +201,6 @@ impl FileConfig {
             .with_context(|| format!("Cannot read config file {}", path.display()))?;
         let config: FileConfig =
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        for (section, present) in [("[firecracker]", config.firecracker.is_some())] {
-            if present {
-                bail!(
-                    "{}: the {section} section is not yet supported by this kiln version",
-                    path.display()
-                );
-            }
-        }
         Ok(config)
     }
 
@@ -246,6 +238,11 @@ impl FileConfig {
         }
         if let Some(binary) = &self.qemu.binary {
             config.qemu_binary = binary.clone();
+        }
+        if let Some(section) = &self.firecracker {
+            section
+                .apply(&mut config.firecracker_binary, &mut config.jailer)
+                .map_err(|e| anyhow::anyhow!("[firecracker] {e}"))?;
         }
         config.boot_timeout = boot_timeout
             .or(self.runner.boot_timeout_seconds.map(Duration::from_secs))

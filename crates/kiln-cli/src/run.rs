@@ -483,6 +483,9 @@ pub async fn doctor(file: &FileConfig) -> Result<u8, Exit> {
     if let Some(version) = kiln_vm::qemu::qemu_version(&config.qemu()).await {
         println!("qemu version: {version}");
     }
+    for line in kiln_vm::firecracker::doctor(&config.firecracker()).await {
+        println!("{line}");
+    }
     match kiln_vm::image::list(&dirs.data) {
         Ok(images) if images.is_empty() => {
             println!("images:       none (build one with `kiln image build`)")

@@ -182,7 +182,10 @@ pub async fn select_backend(
                 backend: "firecracker",
                 reason: e.to_string(),
             })?;
-            let Some(image) = images.iter().find(|i| i.name() == "default").or(images.first())
+            let Some(image) = images
+                .iter()
+                .find(|i| i.name() == "default")
+                .or(images.first())
             else {
                 return Err(VmError::Unavailable {
                     backend: "firecracker",

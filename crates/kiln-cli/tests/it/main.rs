@@ -1,3 +1,4 @@
 //! Integration tests of the `kiln` binary: exit codes, messages, `--json`, Ctrl-C.
 
 mod cli;
+mod firecracker;

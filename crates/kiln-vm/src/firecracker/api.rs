@@ -603,8 +603,10 @@ mod tests {
         };
         assert_eq!(
             Request::snapshot_create(&create).body,
-            Some(json!({"snapshot_path": "snap/vmstate", "mem_file_path": "snap/memory",
-                        "snapshot_type": "Diff"}))
+            Some(
+                json!({"snapshot_path": "snap/vmstate", "mem_file_path": "snap/memory",
+                        "snapshot_type": "Diff"})
+            )
         );
         // Required: mem_file_path and snapshot_path.
         assert!(
@@ -710,6 +712,9 @@ mod tests {
         let raw = check_status(&call, 500, b"oops").unwrap_err();
         assert!(raw.to_string().ends_with("(HTTP 500): oops"), "{raw}");
         let empty = check_status(&call, 400, b"{}").unwrap_err();
-        assert!(empty.to_string().ends_with("no fault_message given"), "{empty}");
+        assert!(
+            empty.to_string().ends_with("no fault_message given"),
+            "{empty}"
+        );
     }
 }

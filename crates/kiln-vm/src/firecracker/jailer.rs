@@ -81,9 +81,10 @@ impl Jail {
 }
 
 fn exec_name(firecracker: &Path) -> String {
-    firecracker
-        .file_name()
-        .map_or_else(|| "firecracker".to_owned(), |n| n.to_string_lossy().into_owned())
+    firecracker.file_name().map_or_else(
+        || "firecracker".to_owned(),
+        |n| n.to_string_lossy().into_owned(),
+    )
 }
 
 /// The jailer's argv (after the binary): jail settings, cgroup limits from `spec`, then `--`
@@ -190,7 +191,10 @@ mod tests {
              -- --api-sock api.sock"
         );
         let jail = Jail::new(&config, fc, "fc-abc");
-        assert_eq!(jail.root, Path::new("/srv/kiln-jails/firecracker/fc-abc/root"));
+        assert_eq!(
+            jail.root,
+            Path::new("/srv/kiln-jails/firecracker/fc-abc/root")
+        );
         assert_eq!(jail.cgroup, Path::new("/sys/fs/cgroup/firecracker/fc-abc"));
     }
 

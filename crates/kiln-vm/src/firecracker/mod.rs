@@ -19,11 +19,11 @@
 //!    All paths given to Firecracker are relative to the root, and Firecracker runs with the
 //!    root as its working directory: a snapshot records only these names, so a restore in
 //!    another directory opens that directory's files.
-//! 3. `firecracker --api-sock api.sock --id <id> --log-path firecracker.log` starts; kiln waits
-//!    for the socket, then calls `PUT /logger`-free configuration in this order:
-//!    `/machine-config` (vCPUs, memory, dirty-page tracking for diff snapshots),
-//!    `/boot-source` (vmlinux, initramfs, kernel command line), `/drives/rootfs`,
-//!    `/drives/scratch`, `/vsock` (guest CID 3), then `/actions InstanceStart`.
+//! 3. `firecracker --api-sock api.sock --id <id> --log-path firecracker.log` starts in the root;
+//!    once its socket is there kiln configures it in this order: `PUT /machine-config` (vCPUs,
+//!    memory, dirty-page tracking for diff snapshots), `/boot-source` (vmlinux, initramfs,
+//!    kernel command line), `/drives/rootfs`, `/drives/scratch`, `/vsock` (guest CID 3), then
+//!    `/actions InstanceStart` ([`FirecrackerProvider::start`] stops here).
 //! 4. kiln connects to `vsock.sock`, asks for the agent's port ([`AGENT_VSOCK_PORT`]) with
 //!    `CONNECT`, retrying until the agent listens, and greets the agent (hostname = VM id, host
 //!    clock). No answer within the boot timeout, or Firecracker exiting first, is
@@ -219,7 +219,9 @@ pub fn missing_tools(config: &FirecrackerConfig) -> Option<String> {
         .write(true)
         .open("/dev/kvm")
     {
-        return Some(format!("/dev/kvm is not usable ({e}); Firecracker needs KVM"));
+        return Some(format!(
+            "/dev/kvm is not usable ({e}); Firecracker needs KVM"
+        ));
     }
     if image::find_in_path("mke2fs").is_none() {
         return Some("`mke2fs` was not found (install the e2fsprogs package)".to_owned());
@@ -236,7 +238,11 @@ pub async fn version(binary: &Path) -> Option<String> {
         .await
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find(|l| !l.trim().is_empty())?.trim().to_owned();
+    let line = text
+        .lines()
+        .find(|l| !l.trim().is_empty())?
+        .trim()
+        .to_owned();
     out.status.success().then_some(line)
 }
 
@@ -583,11 +589,17 @@ impl FirecrackerProvider {
         let configure = async {
             wait_for_socket(machine.api.socket()).await;
             for request in boot_requests(spec) {
-                machine.api.call(&request).await.map_err(|e| e.to_string())?;
+                machine
+                    .api
+                    .call(&request)
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
             Ok::<_, String>(())
         };
-        machine.run_or_fail(configure, self.config.boot_timeout).await?;
+        machine
+            .run_or_fail(configure, self.config.boot_timeout)
+            .await?;
         Ok(machine)
     }
 
@@ -675,12 +687,16 @@ impl Machine {
 
     /// `PATCH /vm Paused`.
     pub async fn pause(&self) -> Result<(), FirecrackerApiError> {
-        self.api.call(&Request::vm_state(api::RunState::Paused)).await
+        self.api
+            .call(&Request::vm_state(api::RunState::Paused))
+            .await
     }
 
     /// `PATCH /vm Resumed`.
     pub async fn resume(&self) -> Result<(), FirecrackerApiError> {
-        self.api.call(&Request::vm_state(api::RunState::Resumed)).await
+        self.api
+            .call(&Request::vm_state(api::RunState::Resumed))
+            .await
     }
 
     /// Resolves when Firecracker has exited, with its status.
@@ -700,28 +716,34 @@ impl Machine {
         work: impl Future<Output = Result<T, String>>,
         timeout: Duration,
     ) -> Result<T, VmError> {
+        // The work goes first: an API refusal explains more than the exit that follows it.
         let result = tokio::select! {
+            biased;
             result = tokio::time::timeout(timeout, work) => match result {
-                Ok(inner) => inner,
-                Err(_) => Err(format!(
-                    "the guest agent did not answer within {timeout:?} (boot timeout)"
+                Ok(Err(reason)) if reason.starts_with("Firecracker refused") => Err((reason, true)),
+                Ok(inner) => inner.map_err(|reason| (reason, false)),
+                Err(_) => Err((
+                    format!("the guest agent did not answer within {timeout:?} (boot timeout)"),
+                    false,
                 )),
             },
-            status = self.process.exited() => Err(format!(
-                "Firecracker exited before the agent answered ({status})"
+            status = self.process.exited() => Err((
+                format!("Firecracker exited before the agent answered ({status})"),
+                true,
             )),
         };
         match result {
             Ok(value) => Ok(value),
-            Err(reason) => {
-                // A Firecracker that died by itself explains more than the broken socket that
-                // revealed it.
-                let reason = if self.process.wait_for(Duration::from_millis(300)).await {
-                    let status = self.process.exit_status().unwrap_or_default();
-                    format!("Firecracker exited before the agent answered ({status})")
-                } else {
-                    reason
-                };
+            Err((reason, explained)) => {
+                // A Firecracker that died by itself explains more than the broken socket or
+                // the timeout that revealed it.
+                let reason =
+                    if !explained && self.process.wait_for(Duration::from_millis(300)).await {
+                        let status = self.process.exit_status().unwrap_or_default();
+                        format!("Firecracker exited before the agent answered ({status})")
+                    } else {
+                        reason
+                    };
                 let tail = console_tail(&self.dir.join(process::CONSOLE_LOG));
                 let _ = self.release().await;
                 Err(VmError::Boot {
@@ -774,8 +796,8 @@ async fn make_scratch(id: &str, path: &Path, disk_mib: u32) -> Result<(), VmErro
         op,
         source,
     };
-    let file = std::fs::File::create(path)
-        .map_err(|e| io(format!("creating {}", path.display()), e))?;
+    let file =
+        std::fs::File::create(path).map_err(|e| io(format!("creating {}", path.display()), e))?;
     file.set_len(u64::from(disk_mib.max(64)) << 20)
         .map_err(|e| io(format!("sizing {}", path.display()), e))?;
     drop(file);
@@ -952,7 +974,12 @@ impl FirecrackerVm {
         if self.released.load(Ordering::SeqCst) || matches!(error, VmError::Released { .. }) {
             return error;
         }
-        if !self.machine.process.wait_for(Duration::from_millis(500)).await {
+        if !self
+            .machine
+            .process
+            .wait_for(Duration::from_millis(500))
+            .await
+        {
             return error;
         }
         let status = self.machine.exit_status().unwrap_or_default();
@@ -1057,7 +1084,9 @@ pub async fn doctor(config: &FirecrackerConfig) -> Vec<String> {
     let binary = resolve_binary(&config.binary);
     match &binary {
         Some(path) => {
-            let version = version(path).await.unwrap_or_else(|| "version unknown".into());
+            let version = version(path)
+                .await
+                .unwrap_or_else(|| "version unknown".into());
             lines.push(format!("firecracker:  {} ({version})", path.display()));
         }
         None => lines.push(format!(
@@ -1071,7 +1100,9 @@ pub async fn doctor(config: &FirecrackerConfig) -> Vec<String> {
             Some(path) => format!(
                 "jailer:       {} ({}), uid {} gid {}, chroots in {}",
                 path.display(),
-                version(&path).await.unwrap_or_else(|| "version unknown".into()),
+                version(&path)
+                    .await
+                    .unwrap_or_else(|| "version unknown".into()),
                 j.uid,
                 j.gid,
                 j.chroot_base.display()
@@ -1089,7 +1120,11 @@ pub async fn doctor(config: &FirecrackerConfig) -> Vec<String> {
         Some(image) => {
             let kernel = match image.vmlinux() {
                 Some(path) if image_problem(image).is_none() => {
-                    format!("ELF vmlinux in image `{}` ({})", image.name(), path.display())
+                    format!(
+                        "ELF vmlinux in image `{}` ({})",
+                        image.name(),
+                        path.display()
+                    )
                 }
                 _ => image_problem(image).unwrap_or_default(),
             };
@@ -1156,13 +1191,19 @@ mod tests {
         assert_eq!(machine["mem_size_mib"], 1536);
         assert_eq!(machine["track_dirty_pages"], true);
         let root = requests[2].body.as_ref().unwrap();
-        assert_eq!(root["is_read_only"], true, "the base image is never written");
+        assert_eq!(
+            root["is_read_only"], true,
+            "the base image is never written"
+        );
         assert_eq!(root["path_on_host"], BASE_DISK);
         let boot = requests[1].body.as_ref().unwrap();
         let args = boot["boot_args"].as_str().unwrap();
         assert!(args.contains("kiln.overlay=/dev/vdb"), "{args}");
         assert!(args.contains("kiln.channel=vsock"), "{args}");
-        assert_eq!(requests[5].body.as_ref().unwrap()["action_type"], "InstanceStart");
+        assert_eq!(
+            requests[5].body.as_ref().unwrap()["action_type"],
+            "InstanceStart"
+        );
     }
 
     #[test]
@@ -1205,6 +1246,9 @@ mod tests {
         assert!(why.contains("/nonexistent/firecracker"), "{why}");
         assert!(why.contains("install"), "{why}");
         let err = FirecrackerProvider::new(config).unwrap_err();
-        assert!(err.to_string().contains("/nonexistent/firecracker"), "{err}");
+        assert!(
+            err.to_string().contains("/nonexistent/firecracker"),
+            "{err}"
+        );
     }
 }

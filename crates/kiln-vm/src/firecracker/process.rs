@@ -157,7 +157,13 @@ fn last_errors(stderr: &Path, log: &Path) -> String {
                     let l = l.to_ascii_lowercase();
                     l.contains("error") || l.contains("panic") || l.contains("exit")
                 })
-                .map(|l| l.trim().to_owned()),
+                // `2026-01-01T00:00:00.000 [id:thread] message`: keep the message.
+                .map(|l| match l.split_once("] ") {
+                    Some((head, message)) if head.starts_with(|c: char| c.is_ascii_digit()) => {
+                        message.trim().to_owned()
+                    }
+                    _ => l.trim().to_owned(),
+                }),
         );
     }
     let start = lines.len().saturating_sub(3);

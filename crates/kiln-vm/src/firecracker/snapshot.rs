@@ -334,28 +334,31 @@ impl FirecrackerProvider {
         }
         let id = new_id();
         let (vm_dir, root, jail) = self.lay_out(&id, &image, false)?;
-        let memory = std::path::absolute(snapshot.dir.join(MEMORY)).map_err(|source| {
-            VmError::Io {
+        let memory =
+            std::path::absolute(snapshot.dir.join(MEMORY)).map_err(|source| VmError::Io {
                 vm: id.clone(),
                 op: "resolving the snapshot path".to_owned(),
                 source,
-            }
-        })?;
+            })?;
         let (state_path, memory_path) = {
             let (from, to, jailed) = (snapshot.dir.clone(), root.clone(), jail.is_some());
             let memory = memory.clone();
-            blocking(&id, "preparing the restored VM's files".to_owned(), move || {
-                copy_sparse(&from.join(SCRATCH_DISK), &to.join(SCRATCH_DISK))?;
-                if jailed {
-                    // A jailed Firecracker sees only its chroot.
-                    super::jailer::link_into(&to, &from.join(STATE), STATE)?;
-                    super::jailer::link_into(&to, &memory, MEMORY)?;
-                    Ok((STATE.to_owned(), MEMORY.to_owned()))
-                } else {
-                    let state = std::path::absolute(from.join(STATE))?;
-                    Ok((state.display().to_string(), memory.display().to_string()))
-                }
-            })
+            blocking(
+                &id,
+                "preparing the restored VM's files".to_owned(),
+                move || {
+                    copy_sparse(&from.join(SCRATCH_DISK), &to.join(SCRATCH_DISK))?;
+                    if jailed {
+                        // A jailed Firecracker sees only its chroot.
+                        super::jailer::link_into(&to, &from.join(STATE), STATE)?;
+                        super::jailer::link_into(&to, &memory, MEMORY)?;
+                        Ok((STATE.to_owned(), MEMORY.to_owned()))
+                    } else {
+                        let state = std::path::absolute(from.join(STATE))?;
+                        Ok((state.display().to_string(), memory.display().to_string()))
+                    }
+                },
+            )
             .await?
         };
         if let (Some(config), Some(_)) = (&self.config.jailer, &jail) {
@@ -396,7 +399,7 @@ impl FirecrackerProvider {
                 .api
                 .call(&Request::snapshot_load(&load))
                 .await
-                .map_err(|e| format!("restoring {}: {e}", snapshot.dir.display()))
+                .map_err(|e| e.to_string())
         };
         machine.run_or_fail(work, self.config.boot_timeout).await?;
         Ok(machine)

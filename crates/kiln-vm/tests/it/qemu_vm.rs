@@ -111,7 +111,6 @@ fn assert_no_leak(runtime: &Path, ids: &[String]) {
     assert!(left.is_empty(), "runtime dir not empty: {left:?}");
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_vms_run_commands_transfer_files_are_distinct_and_leave_nothing() {
     if support::skip_vm_tests() {
