@@ -2,7 +2,8 @@
 //!
 //! The jailer (run as root) builds a chroot at `<chroot_base>/firecracker/<id>/root`, creates
 //! the device nodes Firecracker needs in it, puts the process in a new cgroup
-//! (`/sys/fs/cgroup/firecracker/<id>`, cgroup v2) with the limits kiln derives from the VM spec,
+//! (`/sys/fs/cgroup/firecracker/<id>` with cgroup v2, one per controller with v1) with the limits
+//! kiln derives from the VM spec,
 //! drops to the configured uid/gid and execs Firecracker inside the chroot. So a guest that
 //! escapes Firecracker lands as an unprivileged user in an empty directory, with a memory and
 //! CPU ceiling. Turn it on for production hosts that run untrusted workflows.
@@ -54,29 +55,54 @@ pub(super) struct Jail {
     pub(super) dir: PathBuf,
     /// `<dir>/root`: the chroot, Firecracker's `/`.
     pub(super) root: PathBuf,
-    /// The VM's cgroup (v2).
-    pub(super) cgroup: PathBuf,
+    /// The VM's cgroups: one (v2), or one per limited controller (v1).
+    pub(super) cgroups: Vec<PathBuf>,
+    /// The host's cgroup version.
+    pub(super) cgroup_version: u8,
 }
 
 impl Jail {
     /// The jail of VM `id` running `firecracker` under `config`.
     pub(super) fn new(config: &JailerConfig, firecracker: &Path, id: &str) -> Jail {
+        Jail::with_version(config, firecracker, id, host_cgroup_version())
+    }
+
+    fn with_version(config: &JailerConfig, firecracker: &Path, id: &str, version: u8) -> Jail {
         let exec_name = exec_name(firecracker);
         let dir = config.chroot_base.join(&exec_name).join(id);
+        let base = Path::new("/sys/fs/cgroup");
+        let cgroups = if version == 2 {
+            vec![base.join(&exec_name).join(id)]
+        } else {
+            ["memory", "cpu"]
+                .iter()
+                .map(|controller| base.join(controller).join(&exec_name).join(id))
+                .collect()
+        };
         Jail {
             root: dir.join("root"),
-            cgroup: Path::new("/sys/fs/cgroup").join(&exec_name).join(id),
+            cgroups,
+            cgroup_version: version,
             dir,
         }
     }
 
     /// The `jail` file's text, read back by [`remove_jail`].
     pub(super) fn record(&self) -> String {
-        format!(
-            "chroot={}\ncgroup={}\n",
-            self.dir.display(),
-            self.cgroup.display()
-        )
+        let mut text = format!("chroot={}\n", self.dir.display());
+        for cgroup in &self.cgroups {
+            text.push_str(&format!("cgroup={}\n", cgroup.display()));
+        }
+        text
+    }
+}
+
+/// 2 when `/sys/fs/cgroup` is the unified (v2) hierarchy, else 1.
+fn host_cgroup_version() -> u8 {
+    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        2
+    } else {
+        1
     }
 }
 
@@ -87,10 +113,11 @@ fn exec_name(firecracker: &Path) -> String {
     )
 }
 
-/// The jailer's argv (after the binary): jail settings, cgroup limits from `spec`, then `--`
-/// and Firecracker's own arguments.
+/// The jailer's argv (after the binary): jail settings, cgroup limits from `spec` (in the
+/// host's cgroup version), then `--` and Firecracker's own arguments.
 pub(super) fn args(
     config: &JailerConfig,
+    jail: &Jail,
     firecracker: &Path,
     id: &str,
     spec: &VmSpec,
@@ -98,6 +125,18 @@ pub(super) fn args(
 ) -> Vec<String> {
     let memory_max = (u64::from(spec.memory_mib) + MEMORY_OVERHEAD_MIB) << 20;
     let cpu_max = u64::from(spec.vcpus.max(1)) * 100_000;
+    let limits = if jail.cgroup_version == 2 {
+        vec![
+            format!("memory.max={memory_max}"),
+            format!("cpu.max={cpu_max} 100000"),
+        ]
+    } else {
+        vec![
+            format!("memory.limit_in_bytes={memory_max}"),
+            "cpu.cfs_period_us=100000".to_owned(),
+            format!("cpu.cfs_quota_us={cpu_max}"),
+        ]
+    };
     let mut args = vec![
         "--id".to_owned(),
         id.to_owned(),
@@ -110,13 +149,13 @@ pub(super) fn args(
         "--chroot-base-dir".to_owned(),
         config.chroot_base.display().to_string(),
         "--cgroup-version".to_owned(),
-        "2".to_owned(),
-        "--cgroup".to_owned(),
-        format!("memory.max={memory_max}"),
-        "--cgroup".to_owned(),
-        format!("cpu.max={cpu_max} 100000"),
-        "--".to_owned(),
+        jail.cgroup_version.to_string(),
     ];
+    for limit in limits {
+        args.push("--cgroup".to_owned());
+        args.push(limit);
+    }
+    args.push("--".to_owned());
     args.extend(firecracker_args.iter().cloned());
     args
 }
@@ -176,26 +215,35 @@ mod tests {
             ..VmSpec::default()
         };
         let fc = Path::new("/usr/local/bin/firecracker");
-        let args = args(
-            &config,
-            fc,
-            "fc-abc",
-            &spec,
-            &["--api-sock".into(), "api.sock".into()],
-        );
+        let fc_args = ["--api-sock".to_owned(), "api.sock".to_owned()];
+        let v2 = Jail::with_version(&config, fc, "fc-abc", 2);
         assert_eq!(
-            args.join(" "),
+            args(&config, &v2, fc, "fc-abc", &spec, &fc_args).join(" "),
             "--id fc-abc --exec-file /usr/local/bin/firecracker --uid 1234 --gid 4321 \
              --chroot-base-dir /srv/kiln-jails --cgroup-version 2 \
              --cgroup memory.max=1342177280 --cgroup cpu.max=200000 100000 \
              -- --api-sock api.sock"
         );
-        let jail = Jail::new(&config, fc, "fc-abc");
         assert_eq!(
-            jail.root,
+            v2.root,
             Path::new("/srv/kiln-jails/firecracker/fc-abc/root")
         );
-        assert_eq!(jail.cgroup, Path::new("/sys/fs/cgroup/firecracker/fc-abc"));
+        assert_eq!(v2.cgroups, [Path::new("/sys/fs/cgroup/firecracker/fc-abc")]);
+        let v1 = Jail::with_version(&config, fc, "fc-abc", 1);
+        assert_eq!(
+            args(&config, &v1, fc, "fc-abc", &spec, &fc_args).join(" "),
+            "--id fc-abc --exec-file /usr/local/bin/firecracker --uid 1234 --gid 4321 \
+             --chroot-base-dir /srv/kiln-jails --cgroup-version 1 \
+             --cgroup memory.limit_in_bytes=1342177280 --cgroup cpu.cfs_period_us=100000 \
+             --cgroup cpu.cfs_quota_us=200000 -- --api-sock api.sock"
+        );
+        assert_eq!(
+            v1.cgroups,
+            [
+                Path::new("/sys/fs/cgroup/memory/firecracker/fc-abc"),
+                Path::new("/sys/fs/cgroup/cpu/firecracker/fc-abc")
+            ]
+        );
     }
 
     #[test]

@@ -10,8 +10,8 @@
 //!    in — is the same directory, or the jailer's chroot (see [`jailer`]). It holds:
 //!    - `vmlinux`, `initramfs.cpio`, `base.ext4`: links to the image's files (symlinks, or hard
 //!      links inside a chroot); `base.ext4` is attached **read-only**;
-//!    - `scratch.ext4`: the VM's writable layer, a sparse file of [`VmSpec::disk_mib`] formatted
-//!      with `mke2fs` (only metadata is written). The guest init mounts the base read-only and
+//!    - `scratch.ext4`: the VM's writable layer, a sparse file of [`VmSpec::disk_mib`] less what
+//!      the image holds, formatted with `mke2fs` (only metadata is written). The guest init mounts the base read-only and
 //!      an overlayfs with its upper directory on the scratch disk as `/` (`kiln.overlay=`), so
 //!      allocation copies nothing proportional to the image and the base is never written;
 //!    - `api.sock`, `vsock.sock`: Firecracker's API socket and vsock proxy socket.
@@ -206,13 +206,23 @@ pub fn missing_tools(config: &FirecrackerConfig) -> Option<String> {
             config.binary.display()
         ));
     }
-    if let Some(jailer) = &config.jailer
-        && resolve_binary(&jailer.binary).is_none()
-    {
-        return Some(format!(
-            "the jailer `{}` was not found",
-            jailer.binary.display()
-        ));
+    if let Some(jailer) = &config.jailer {
+        if resolve_binary(&jailer.binary).is_none() {
+            return Some(format!(
+                "the jailer `{}` was not found",
+                jailer.binary.display()
+            ));
+        }
+        // The chroot holds no libc: a dynamically linked Firecracker cannot start in it.
+        if let Some(binary) = resolve_binary(&config.binary)
+            && dynamically_linked(&binary)
+        {
+            return Some(format!(
+                "{} is dynamically linked, so it cannot run in the jailer's chroot (use the \
+                 static release binary)",
+                binary.display()
+            ));
+        }
     }
     if let Err(e) = std::fs::File::options()
         .read(true)
@@ -227,6 +237,40 @@ pub fn missing_tools(config: &FirecrackerConfig) -> Option<String> {
         return Some("`mke2fs` was not found (install the e2fsprogs package)".to_owned());
     }
     None
+}
+
+/// Whether `path` is an ELF executable with an interpreter (`PT_INTERP`), i.e. needs a dynamic
+/// loader and libc at run time.
+fn dynamically_linked(path: &Path) -> bool {
+    const PT_INTERP: u32 = 3;
+    let Ok(data) = std::fs::read(path) else {
+        return false;
+    };
+    let u16_at = |at: usize| {
+        data.get(at..at + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let u32_at = |at: usize| {
+        data.get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let u64_at = |at: usize| {
+        data.get(at..at + 8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_le_bytes)
+    };
+    // ELF64, little-endian (x86_64).
+    if data.get(..6) != Some(b"\x7fELF\x02\x01".as_slice()) {
+        return false;
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        return false;
+    };
+    (0..usize::from(phnum)).any(|i| {
+        let at = phoff as usize + i * usize::from(phentsize);
+        u32_at(at) == Some(PT_INTERP)
+    })
 }
 
 /// The first line of `firecracker --version`, e.g. `Firecracker v1.16.1`.
@@ -552,7 +596,7 @@ impl FirecrackerProvider {
                     op: format!("handing {} to the jailed user", jail.root.display()),
                     source,
                 })?;
-                let args = jailer::args(config, &self.binary, id, spec, &fc_args);
+                let args = jailer::args(config, jail, &self.binary, id, spec, &fc_args);
                 let binary = resolve_binary(&config.binary).unwrap_or(config.binary.clone());
                 Process::spawn(&binary, &args, dir, dir, id)
             }
@@ -567,7 +611,7 @@ impl FirecrackerProvider {
         let image = open_image(&self.config.data_dir, &spec.image).await?;
         let id = new_id();
         let (vm_dir, root, jail) = self.lay_out(&id, &image, true)?;
-        make_scratch(&id, &root.join(SCRATCH_DISK), spec.disk_mib).await?;
+        make_scratch(&id, &root.join(SCRATCH_DISK), scratch_mib(spec, &image)).await?;
         if let (Some(config), Some(_)) = (&self.config.jailer, &jail) {
             jailer::give_to(config, &root.join(SCRATCH_DISK)).map_err(|source| VmError::Io {
                 vm: id.clone(),
@@ -787,6 +831,18 @@ impl Drop for Machine {
             let _ = process::remove_vm_dir(&self.dir);
         }
     }
+}
+
+/// The scratch disk's size: `disk_mib` is the guest root file system's size (as with QEMU), so
+/// a run can write `disk_mib` less what the image holds (its allocated blocks), and at least
+/// 64 MiB.
+fn scratch_mib(spec: &VmSpec, image: &ImageInfo) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    let used_mib = std::fs::metadata(image.rootfs())
+        .map(|m| (m.blocks() * 512) >> 20)
+        .unwrap_or(0);
+    let used_mib = u32::try_from(used_mib).unwrap_or(u32::MAX);
+    spec.disk_mib.saturating_sub(used_mib).max(64)
 }
 
 /// Creates the sparse scratch disk of `disk_mib` MiB and formats it (metadata only).
@@ -1236,6 +1292,17 @@ mod tests {
 
     fn toml_like<T: serde::de::DeserializeOwned>(json: &str) -> T {
         serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn dynamic_executables_are_told_from_static_ones() {
+        // This test binary is linked dynamically (the gnu target); a shell script is no ELF.
+        let me = std::env::current_exe().unwrap();
+        assert!(dynamically_linked(&me), "{}", me.display());
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("x");
+        std::fs::write(&script, "#!/bin/sh\n").unwrap();
+        assert!(!dynamically_linked(&script));
     }
 
     #[test]

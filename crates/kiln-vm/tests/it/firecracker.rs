@@ -8,6 +8,8 @@
 //!    after a dead kiln) leaves nothing. These need no guest to boot, so they run on hosts whose
 //!    KVM cannot run the guest. `scripts/test` runs them with `--ignored` when
 //!    `KILN_FIRECRACKER_BIN` is set.
+//!    The jailer test also needs `KILN_JAILER_BIN`, root, and a statically linked Firecracker
+//!    (the release binaries are; the jailer's chroot has no libc).
 //! 3. **Guest level**, ignored unless the host's KVM boots guests too
 //!    (`KILN_FIRECRACKER_KVM=1`, which `scripts/test` passes on): the backend conformance suite,
 //!    the agent over vsock, the overlay root, and a snapshot restored into a working VM.
@@ -432,5 +434,57 @@ async fn guest_agent_over_vsock_overlay_root_and_snapshot_restore() {
     provider.release(&*c.vm).await.unwrap();
     provider.delete_snapshot(&snap).await.unwrap();
     assert_eq!(std::fs::read(image.rootfs()).unwrap().len(), base_before);
+    assert_empty(runtime.path());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs KILN_FIRECRACKER_BIN (static) and KILN_JAILER_BIN, as root"]
+async fn jailer_a_jailed_vm_runs_in_its_chroot_and_release_removes_the_jail() {
+    let binary = binary();
+    let jailer = std::env::var_os("KILN_JAILER_BIN")
+        .map(PathBuf::from)
+        .expect("KILN_JAILER_BIN is not set: this test needs Firecracker's jailer binary");
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "the jailer needs root"
+    );
+    tokio::task::spawn_blocking(support::default_image)
+        .await
+        .unwrap();
+    let _lock = FC_LOCK.lock().await;
+    let runtime = tempfile::tempdir().unwrap();
+    // Hard links into the chroot need it on the data dir's file system.
+    let jails = tempfile::tempdir_in(support::data_dir()).unwrap();
+    let mut fc_config = config(runtime.path(), binary, Duration::from_secs(60));
+    let mut jail = kiln_vm::firecracker::JailerConfig::new(jailer);
+    jail.chroot_base = jails.path().to_owned();
+    fc_config.jailer = Some(jail);
+    let provider = FirecrackerProvider::new(fc_config).unwrap();
+    let machine = provider.start(&spec()).await.expect("a jailed VM starts");
+    assert_eq!(machine.describe().await.unwrap().state, "Running");
+    let id = machine.id().to_owned();
+    let root = jails.path().join("firecracker").join(&id).join("root");
+    assert!(
+        root.join("api.sock").exists(),
+        "the API socket is in the chroot"
+    );
+    assert!(root.join("vmlinux").is_file());
+    let pid = machine.pid().unwrap();
+    // Firecracker runs as the jail's user, in the VM's own cgroup.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .to_owned();
+    assert!(uid.contains("65534"), "{uid}");
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(cgroup.contains(&format!("firecracker/{id}")), "{cgroup}");
+    machine.release().await.unwrap();
+    assert!(!alive(pid));
+    assert!(!jails.path().join("firecracker").join(&id).exists());
+    for cgroup in ["firecracker", "memory/firecracker", "cpu/firecracker"] {
+        assert!(!Path::new("/sys/fs/cgroup").join(cgroup).join(&id).exists());
+    }
     assert_empty(runtime.path());
 }
