@@ -846,7 +846,7 @@ fn scratch_mib(spec: &VmSpec, image: &ImageInfo) -> u32 {
 }
 
 /// Creates the sparse scratch disk of `disk_mib` MiB and formats it (metadata only).
-async fn make_scratch(id: &str, path: &Path, disk_mib: u32) -> Result<(), VmError> {
+pub async fn make_scratch(id: &str, path: &Path, disk_mib: u32) -> Result<(), VmError> {
     let io = |op: String, source| VmError::Io {
         vm: id.to_owned(),
         op,
