@@ -140,16 +140,12 @@ pub async fn select_backend(
             provider: Arc::new(LocalProvider::new(config.runtime_dir.clone())),
             reason: "requested with --backend local".to_owned(),
         }),
-        BackendKind::Auto => match usable_qemu(config).await {
-            Ok((provider, why)) => Ok(Selection {
-                provider,
-                reason: format!("auto chose qemu: {why}"),
-            }),
-            Err(why) => Ok(Selection {
-                provider: Arc::new(LocalProvider::new(config.runtime_dir.clone())),
-                reason: format!("auto fell back to local because {why}"),
-            }),
-        },
+        BackendKind::Auto => {
+            if let Some(selection) = usable_firecracker(config).await {
+                return Ok(selection);
+            }
+            auto_qemu_or_local(config).await
+        }
         BackendKind::Qemu => {
             let qemu_config = config.qemu();
             if let Some(reason) = qemu::missing_tools(&qemu_config) {
@@ -205,6 +201,53 @@ pub async fn select_backend(
                 provider: Arc::new(provider),
                 reason: "requested with --backend firecracker".to_owned(),
             })
+        }
+    }
+}
+
+/// `auto` without Firecracker: QEMU when it boots a guest, else `local`.
+async fn auto_qemu_or_local(config: &BackendConfig) -> Result<Selection, VmError> {
+    match usable_qemu(config).await {
+        Ok((provider, why)) => Ok(Selection {
+            provider,
+            reason: format!("auto chose qemu: {why}"),
+        }),
+        Err(why) => Ok(Selection {
+            provider: Arc::new(LocalProvider::new(config.runtime_dir.clone())),
+            reason: format!("auto fell back to local because {why}"),
+        }),
+    }
+}
+
+/// Firecracker when its binary, `/dev/kvm` and a bootable image are there and a probe boot
+/// (cached per host kernel, binary and image) reached the agent; `None` otherwise, quietly:
+/// most hosts have no Firecracker and `auto` goes on to QEMU.
+async fn usable_firecracker(config: &BackendConfig) -> Option<Selection> {
+    let provider = FirecrackerProvider::new(config.firecracker()).ok()?;
+    let images = image::list(&config.data_dir).ok()?;
+    let image = images
+        .iter()
+        .find(|i| i.name() == "default")
+        .or(images.first())?;
+    if firecracker::image_problem(image).is_some() {
+        return None;
+    }
+    let spec = VmSpec {
+        image: image.name().to_owned(),
+        ..VmSpec::default()
+    };
+    match provider.kvm_probe(&spec).await {
+        Ok((true, why)) => Some(Selection {
+            provider: Arc::new(provider),
+            reason: format!("auto chose firecracker: {why} (image `{}`)", image.name()),
+        }),
+        Ok((false, why)) => {
+            tracing::debug!("auto skips firecracker: {why}");
+            None
+        }
+        Err(e) => {
+            tracing::debug!("auto skips firecracker: {e}");
+            None
         }
     }
 }

@@ -650,3 +650,33 @@ async fn the_overlay_root_writes_only_the_scratch_disk() {
         base_before
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs KILN_FIRECRACKER_BIN"]
+async fn api_auto_picks_firecracker_exactly_when_its_probe_boot_works() {
+    let binary = binary();
+    tokio::task::spawn_blocking(support::default_image)
+        .await
+        .unwrap();
+    let _lock = FC_LOCK.lock().await;
+    let runtime = tempfile::tempdir().unwrap();
+    let mut config = BackendConfig::new(runtime.path().to_owned(), support::data_dir());
+    config.firecracker_binary = binary.clone();
+    let auto = select_backend(BackendKind::Auto, &config).await.unwrap();
+    // The verdict auto used is cached: asking the provider again gives it without a boot.
+    let provider = FirecrackerProvider::new(config.firecracker()).unwrap();
+    let (works, why) = provider.kvm_probe(&VmSpec::default()).await.unwrap();
+    eprintln!(
+        "auto: {} ({}); probe: {works} ({why})",
+        auto.provider.name(),
+        auto.reason
+    );
+    assert_eq!(
+        auto.provider.name() == "firecracker",
+        works,
+        "{}",
+        auto.reason
+    );
+    assert!(support::data_dir().join("firecracker-kvm.json").is_file());
+    assert_empty(runtime.path());
+}
