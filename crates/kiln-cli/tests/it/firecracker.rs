@@ -67,3 +67,51 @@ fn a_run_on_firecracker_boots_or_fails_with_exit_3_and_leaves_nothing() {
         .count();
     assert_eq!(procs, 0, "a Firecracker process survived");
 }
+
+/// `[firecracker]` is checked like every section: unknown keys and jail settings without a
+/// jailer are usage errors (exit 2) naming the section, before anything starts.
+#[test]
+fn bad_firecracker_settings_are_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("ok.yml"),
+        "on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo hi\n",
+    )
+    .unwrap();
+    for (config, expected) in [
+        (
+            "[firecracker]\nuid = 5\n",
+            "[firecracker] uid, gid and chroot_base_dir only apply with a jailer",
+        ),
+        (
+            "[firecracker]\nnetwork = \"tap\"\n",
+            "unknown field `network`",
+        ),
+        (
+            "[firecracker]\njailer = \"/usr/bin/jailer\"\nchroot_base_dir = \"jails\"\n",
+            "[firecracker] chroot_base_dir must be an absolute path",
+        ),
+    ] {
+        std::fs::write(dir.path().join("kiln.toml"), config).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .current_dir(dir.path())
+            .args([
+                "--config",
+                "kiln.toml",
+                "run",
+                "ok.yml",
+                "--backend",
+                "firecracker",
+            ])
+            .env("KILN_RUNTIME_DIR", dir.path().join("runtime"))
+            .env("KILN_DATA_DIR", dir.path().join("data"))
+            .env("NO_COLOR", "1")
+            .env_remove("KILN_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{config}: {stderr}");
+        assert!(stderr.contains(expected), "{config}: {stderr}");
+    }
+}

@@ -598,9 +598,9 @@ impl FirecrackerProvider {
                 })?;
                 let args = jailer::args(config, jail, &self.binary, id, spec, &fc_args);
                 let binary = resolve_binary(&config.binary).unwrap_or(config.binary.clone());
-                Process::spawn(&binary, &args, dir, dir, id)
+                Process::spawn(&binary, &args, dir, (dir, root), id)
             }
-            _ => Process::spawn(&self.binary, &fc_args, root, dir, id),
+            _ => Process::spawn(&self.binary, &fc_args, root, (dir, root), id),
         }
     }
 

@@ -34,11 +34,12 @@ impl Process {
     /// Starts `program args` in `cwd` with stdout (the guest's serial console) in
     /// `dir/console.log` and stderr in `dir/firecracker.stderr`, dying with the thread that
     /// started it where the kernel keeps that promise (not across the jailer's change of user).
+    /// `root` is where Firecracker writes its log (the VM's root).
     pub(super) fn spawn(
         program: &Path,
         args: &[String],
         cwd: &Path,
-        dir: &Path,
+        (dir, root): (&Path, &Path),
         id: &str,
     ) -> Result<Process, VmError> {
         let io = |op: String, source| VmError::Io {
@@ -83,7 +84,7 @@ impl Process {
         }
         let (tx, rx) = watch::channel(None);
         let stderr_path = dir.join(STDERR_LOG);
-        let log_path = cwd.join(super::LOG_FILE);
+        let log_path = root.join(super::LOG_FILE);
         tokio::spawn(async move {
             let status = match child.wait().await {
                 Ok(status) => status.to_string(),
