@@ -1188,10 +1188,19 @@ pub async fn doctor(config: &FirecrackerConfig) -> Vec<String> {
             let modules = &image.manifest.modules;
             let vsock = if modules.is_empty() {
                 "the image's own kernel (vsock must be built in)".to_owned()
-            } else if modules.iter().any(|m| m == "vmw_vsock_virtio_transport") {
-                format!("the initramfs of `{}` loads virtio vsock", image.name())
             } else {
-                format!("the initramfs of `{}` lacks virtio vsock", image.name())
+                let has = |m: &str| modules.iter().any(|have| have == m);
+                format!(
+                    "the initramfs of `{}` {} virtio vsock (the agent's channel) and {} overlay \
+                     (the writable root)",
+                    image.name(),
+                    if has("vmw_vsock_virtio_transport") {
+                        "loads"
+                    } else {
+                        "LACKS"
+                    },
+                    if has("overlay") { "loads" } else { "LACKS" },
+                )
             };
             lines.push(format!("fc vsock:     {vsock}"));
         }
