@@ -36,23 +36,27 @@ pub enum Command {
     /// Build, list, remove and import guest images.
     #[command(subcommand)]
     Image(ImageCommand),
-    /// List past runs (not yet supported).
-    Runs,
-    /// Show a past run's logs (not yet supported).
+    /// List past runs (newest first) from the run database in the data dir.
+    Runs {
+        /// One JSON object per run and line on stdout.
+        #[arg(long)]
+        json: bool,
+        /// At most this many runs.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Print a past run's logs.
     Logs {
-        /// Run id.
+        /// Run id (see `kiln runs`).
         run: String,
+        /// The run's events as recorded, one JSON object per line.
+        #[arg(long)]
+        json: bool,
     },
-    /// Open a shell in a failed run's VM (not yet supported).
-    Debug {
-        /// Run id.
-        run: String,
-    },
-    /// Run a past run again (not yet supported).
-    Rerun {
-        /// Run id.
-        run: String,
-    },
+    /// Restore a run's step snapshot into a fresh VM and open a shell there, or run one command.
+    Debug(DebugArgs),
+    /// Go on with a failed run from its last good step snapshot.
+    Rerun(RerunArgs),
     /// Warm pools and ready snapshots.
     #[command(subcommand)]
     Pool(crate::pool::PoolCommand),
@@ -162,7 +166,7 @@ pub struct RunArgs {
     /// At the session limit: wait for a slot, or fail.
     #[arg(long, env = "KILN_ON_LIMIT", value_name = "wait|fail")]
     pub on_limit: Option<String>,
-    /// Snapshot the VM after each step (not yet supported).
+    /// `steps`: snapshot the VM after each step, for `kiln debug` and `kiln rerun`.
     #[arg(long, value_name = "off|steps")]
     pub snapshots: Option<String>,
     /// Write one JSON event per line to stdout.
@@ -194,6 +198,46 @@ pub struct RunArgs {
         default_value = "https://github.com"
     )]
     pub actions_url: String,
+}
+
+/// `kiln debug`.
+#[derive(Debug, Args)]
+pub struct DebugArgs {
+    /// Run id (a run made with `--snapshots steps`).
+    pub run: String,
+    /// The snapshot taken after step N (1-based, as in `Executing step N/M`) instead of the
+    /// failure state.
+    #[arg(long, value_name = "N")]
+    pub step: Option<usize>,
+    /// With --step: the job whose step (default: the job of the failed step, else the only
+    /// job with snapshots).
+    #[arg(long, value_name = "JOB")]
+    pub job: Option<String>,
+    /// Run this command (in the step's environment and working directory) instead of a shell,
+    /// and exit with its exit code.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// `kiln rerun`.
+#[derive(Debug, Args)]
+pub struct RerunArgs {
+    /// Run id (a failed run made with `--snapshots steps`).
+    pub run: String,
+    /// Restore the last good snapshot and go on from the failed step (the only kind of rerun
+    /// for now; a full rerun is `kiln run` again).
+    #[arg(long)]
+    pub from_failed: bool,
+    /// A secret: NAME=VALUE, or NAME to read it from the environment (repeatable). Secrets are
+    /// never stored with a run, so pass them again.
+    #[arg(short = 's', long = "secret", value_name = "NAME[=VALUE]")]
+    pub secrets: Vec<String>,
+    /// A configuration variable (`vars` context): NAME=VALUE (repeatable).
+    #[arg(long = "var", value_name = "NAME=VALUE")]
+    pub vars: Vec<String>,
+    /// Write one JSON event per line to stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `kiln serve`. Secrets come from the environment (`KILN_GITHUB_WEBHOOK_SECRET`,

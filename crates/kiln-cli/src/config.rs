@@ -74,6 +74,10 @@ struct RunnerSection {
     max_sessions: Option<usize>,
     on_limit: Option<String>,
     snapshots: Option<String>,
+    /// `--snapshots steps`: after-step snapshots kept per run (default 3).
+    snapshot_keep: Option<usize>,
+    /// `--snapshots steps`: disk the snapshots of one run may take, in MiB (default 8192).
+    snapshot_max_mib: Option<u64>,
     boot_timeout_seconds: Option<u64>,
     /// Host ceiling on one VM's vCPUs (default: twice the host's CPUs).
     max_vcpus: Option<u32>,
@@ -274,6 +278,8 @@ pub struct Settings {
     pub cold: bool,
     /// `--metrics-addr`.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// `--snapshots steps`: `(keep, max MiB)` of the step snapshots; `None` for `off`.
+    pub step_snapshots: Option<(usize, u64)>,
 }
 
 impl Settings {
@@ -293,14 +299,17 @@ impl Settings {
         if max_sessions == 0 {
             bail!("--max-sessions must be at least 1");
         }
-        match pick(&args.snapshots, &runner.snapshots, "off").as_str() {
-            "off" => {}
-            "steps" => bail!(
-                "--snapshots steps is not yet supported: step snapshots come with the warm-pool \
-                 and snapshot work"
-            ),
+        let step_snapshots = match pick(&args.snapshots, &runner.snapshots, "off").as_str() {
+            "off" => None,
+            "steps" => {
+                let keep = runner.snapshot_keep.unwrap_or(3);
+                if keep == 0 {
+                    bail!("[runner] snapshot_keep must be at least 1");
+                }
+                Some((keep, runner.snapshot_max_mib.unwrap_or(8192)))
+            }
             other => bail!("--snapshots: unknown value `{other}` (expected off or steps)"),
-        }
+        };
         let vms = vm_config(file, args.image.as_deref())?;
         let spec = vms.types.default_type().spec.clone();
         Ok(Settings {
@@ -314,6 +323,7 @@ impl Settings {
             boot_timeout: runner.boot_timeout_seconds.map(Duration::from_secs),
             cold: args.cold,
             metrics_addr: args.metrics_addr,
+            step_snapshots,
         })
     }
 }

@@ -13,11 +13,14 @@
 
 mod args;
 mod config;
+mod debug;
 mod image;
 mod inputs;
 mod pool;
 mod render;
+mod rerun;
 mod run;
+mod runs;
 mod serve;
 mod workflows;
 
@@ -131,10 +134,10 @@ async fn dispatch(cli: Cli) -> Result<u8, Exit> {
         Command::Validate(args) => workflows::validate(&args),
         Command::Doctor => run::doctor(&file).await,
         Command::Image(cmd) => image::image(&file, cmd).await,
-        Command::Runs => not_yet("kiln runs", "the run store"),
-        Command::Logs { .. } => not_yet("kiln logs", "the run store"),
-        Command::Debug { .. } => not_yet("kiln debug", "step snapshots"),
-        Command::Rerun { .. } => not_yet("kiln rerun", "the run store"),
+        Command::Runs { json, limit } => runs::list(&file, json, limit).await,
+        Command::Logs { run, json } => runs::logs(&file, &run, json).await,
+        Command::Debug(args) => debug::debug(&file, args).await,
+        Command::Rerun(args) => rerun::rerun(&file, args).await,
         Command::Pool(cmd) => pool::command(cmd),
         Command::Serve(args) => serve::serve(&file, args).await,
         Command::Worker => not_yet("kiln worker", "service mode"),

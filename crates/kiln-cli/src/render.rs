@@ -167,6 +167,34 @@ impl Terminal {
                 };
                 format!("{}   {bar} {line}", self.prefix(run, job))
             }
+            EventKind::SnapshotTaken {
+                job,
+                step,
+                kind,
+                size_bytes,
+                duration_ms,
+            } => format!(
+                "{}   📸 snapshot {} step {} ({} MiB, {})",
+                self.prefix(run, job),
+                if kind == "failure" { "at failed" } else { "after" },
+                step + 1,
+                size_bytes >> 20,
+                human_ms(*duration_ms)
+            ),
+            EventKind::SnapshotFailed { job, step, error } => format!(
+                "{}   ! warning: no snapshot after step {}: {error}",
+                self.prefix(run, job),
+                step + 1
+            ),
+            EventKind::StepRestored {
+                job,
+                name,
+                from_run,
+                ..
+            } => format!(
+                "{}   ↺ restored from run {from_run}: {name}",
+                self.prefix(run, job)
+            ),
             EventKind::RunFinished { .. } => return None,
         })
     }
@@ -198,6 +226,14 @@ pub fn summary(style: Style, report: &RunReport, run: &str) -> String {
                 (Some(e), _) if step.outcome == Conclusion::Failure => format!(" — {e}"),
                 _ => String::new(),
             };
+            if step.restored {
+                out.push_str(&format!(
+                    "      {:<12} {} (not run: restored from the snapshot)\n",
+                    style.paint("36", "restored"),
+                    step.name
+                ));
+                continue;
+            }
             out.push_str(&format!(
                 "      {:<12} {} [{}]{note}\n",
                 style.conclusion(step.conclusion),

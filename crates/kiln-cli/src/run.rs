@@ -168,7 +168,12 @@ pub async fn run(file: &FileConfig, args: RunArgs) -> Result<u8, Exit> {
             ActionConfig::parse_override(spec).map_err(|e| usage(anyhow!("--local-action {e}")))?,
         );
     }
-    let executor = WorkflowExecutor::new(sessions.clone()).with_actions(action_config);
+    let mut executor = WorkflowExecutor::new(sessions.clone()).with_actions(action_config);
+    if let Some((keep, max_mib)) = settings.step_snapshots {
+        executor = executor.with_snapshots(crate::rerun::snapshot_config(&dirs, keep, max_mib));
+    }
+    let (recorder, recording) =
+        crate::runs::Recorder::open(&crate::runs::database_path(file, &dirs)).await;
     let cancel = CancellationToken::new();
     let abort = CancellationToken::new();
     let interrupts = tokio::spawn(watch_interrupts(cancel.clone(), abort.clone()));
@@ -176,9 +181,11 @@ pub async fn run(file: &FileConfig, args: RunArgs) -> Result<u8, Exit> {
     let (tx, mut rx) = mpsc::unbounded_channel::<RunEvent>();
     let json = args.json;
     let (observer, backend) = (metrics.clone(), selection.provider.name());
+    let record = recorder.clone();
     let renderer = tokio::spawn(async move {
         let mut terminal = Terminal::new(style, json);
         while let Some(event) = rx.recv().await {
+            record.event(&event);
             terminal.event(&event);
             if let Some(metrics) = &observer {
                 metrics.observe(backend, &event);
@@ -191,6 +198,7 @@ pub async fn run(file: &FileConfig, args: RunArgs) -> Result<u8, Exit> {
         let run_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let mut context = context.clone();
         context.inputs = inputs;
+        recorder.start(&run_id, crate::runs::new_run(&workflow, &context, None));
         let options = RunOptions {
             run_id: run_id.clone(),
             isolation: settings.isolation,
@@ -243,6 +251,7 @@ pub async fn run(file: &FileConfig, args: RunArgs) -> Result<u8, Exit> {
         }
     };
     for (run_id, outcome) in outcomes {
+        crate::runs::record_outcome(&recorder, &run_id, &outcome);
         match outcome {
             Ok(Some(Ok(report))) => {
                 if !json {
@@ -272,6 +281,8 @@ pub async fn run(file: &FileConfig, args: RunArgs) -> Result<u8, Exit> {
             }
         }
     }
+    drop(recorder);
+    recording.close().await;
     if cancel.is_cancelled() {
         raise(exit::CANCELLED);
     }

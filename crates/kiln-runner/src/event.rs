@@ -163,6 +163,41 @@ pub enum EventKind {
         /// The line, without its newline.
         line: String,
     },
+    /// A step snapshot was taken (`--snapshots steps`): after a successful step
+    /// (`kind: after_step`), or at the moment a step failed (`kind: failure`).
+    SnapshotTaken {
+        /// Job id.
+        job: String,
+        /// The step it was taken after (index in the job, from 0).
+        step: usize,
+        /// `after_step` or `failure`.
+        kind: String,
+        /// Size of the snapshot's files (for a diff snapshot: the diff).
+        size_bytes: u64,
+        /// How long the VM was busy saving it.
+        duration_ms: u64,
+    },
+    /// A step snapshot could not be taken; the run goes on without it.
+    SnapshotFailed {
+        /// Job id.
+        job: String,
+        /// The step it was to be taken after.
+        step: usize,
+        /// Why.
+        error: String,
+    },
+    /// A step that `kiln rerun --from-failed` did not run again: its effects come from the
+    /// restored snapshot.
+    StepRestored {
+        /// Job id.
+        job: String,
+        /// Step index in the job, from 0.
+        step: usize,
+        /// Display name.
+        name: String,
+        /// The run whose snapshot was restored.
+        from_run: String,
+    },
     /// The run ended.
     RunFinished {
         /// Workflow display name.

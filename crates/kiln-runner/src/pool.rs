@@ -851,6 +851,10 @@ impl VmProvider for PooledProvider {
         self.inner.restore(snapshot).await
     }
 
+    fn supports_checkpoints(&self) -> bool {
+        self.inner.supports_checkpoints()
+    }
+
     async fn delete_snapshot(&self, snapshot: &VmSnapshot) -> Result<(), VmError> {
         self.inner.delete_snapshot(snapshot).await
     }

@@ -377,6 +377,25 @@ impl SessionManager {
         &self,
         request: SessionRequest,
     ) -> Result<SessionGuard, SessionError> {
+        self.create(request, None).await
+    }
+
+    /// As [`create_session`](Self::create_session), but the session's VM is restored from
+    /// `snapshot` (a fresh VM in the saved state) instead of allocated for the request's spec.
+    /// Its `source` is `snapshot`.
+    pub async fn create_session_from(
+        &self,
+        request: SessionRequest,
+        snapshot: kiln_vm::VmSnapshot,
+    ) -> Result<SessionGuard, SessionError> {
+        self.create(request, Some(snapshot)).await
+    }
+
+    async fn create(
+        &self,
+        request: SessionRequest,
+        restore: Option<kiln_vm::VmSnapshot>,
+    ) -> Result<SessionGuard, SessionError> {
         let inner = &self.inner;
         let limit = inner.config.max_sessions;
         // Checked again under the lock below; this only spares a duplicate the wait for a slot.
@@ -452,7 +471,7 @@ impl SessionManager {
             serial,
             armed: true,
         };
-        let work = Inner::allocate(registration, request.spec);
+        let work = Inner::allocate(registration, request.spec, restore);
         match Handle::try_current() {
             Ok(handle) => {
                 let (tx, rx) = oneshot::channel();
@@ -775,11 +794,17 @@ impl Inner {
     async fn allocate(
         mut registration: Registration,
         spec: VmSpec,
+        restore: Option<kiln_vm::VmSnapshot>,
     ) -> Result<SessionGuard, SessionError> {
         let inner = Arc::clone(&registration.inner);
         let id = registration.id.clone();
         let serial = registration.serial;
-        match inner.provider.allocate(&spec).await {
+        let restoring = restore.is_some();
+        let allocated = match &restore {
+            Some(snapshot) => inner.provider.restore(snapshot).await,
+            None => inner.provider.allocate(&spec).await,
+        };
+        match allocated {
             Ok(allocation) => {
                 let vm = allocation.vm;
                 let vm_id = vm.id().to_owned();
@@ -806,10 +831,14 @@ impl Inner {
                     "Allocated VM {vm_id} in {} ms for session {id}",
                     allocation.elapsed.as_millis()
                 );
-                let source = inner
-                    .pooled
-                    .as_ref()
-                    .map_or(AllocationSource::Cold, |p| p.source_of(&vm_id));
+                let source = if restoring {
+                    AllocationSource::Snapshot
+                } else {
+                    inner
+                        .pooled
+                        .as_ref()
+                        .map_or(AllocationSource::Cold, |p| p.source_of(&vm_id))
+                };
                 Ok(SessionGuard {
                     inner,
                     id,

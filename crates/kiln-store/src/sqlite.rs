@@ -94,6 +94,43 @@ impl SqliteStore {
         Ok(SqliteStore { pool })
     }
 
+    /// Records a run that this process executes itself (`kiln run`): stored as `running` from
+    /// the start, with the caller's id, so that it never enters the queue a server claims from.
+    /// Finish it with [`RunStore::finish`].
+    pub async fn record_local(&self, id: &str, run: NewRun) -> Result<RunRecord, StoreError> {
+        let payload = serde_json::to_string(&run.payload)
+            .map_err(|e| StoreError::Corrupt(format!("payload: {e}")))?;
+        let inputs = serde_json::to_string(&run.inputs)
+            .map_err(|e| StoreError::Corrupt(format!("inputs: {e}")))?;
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO runs (id, status, forge, repository, clone_url, sha, git_ref, event, \
+             workflow_file, workflow_name, payload, inputs, delivery, concurrency_group, \
+             cancel_in_progress, rerun_of, created_at, started_at) \
+             VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(&run.forge)
+        .bind(&run.repository)
+        .bind(&run.clone_url)
+        .bind(&run.sha)
+        .bind(&run.git_ref)
+        .bind(&run.event)
+        .bind(&run.workflow_file)
+        .bind(&run.workflow_name)
+        .bind(payload)
+        .bind(inputs)
+        .bind(&run.delivery)
+        .bind(&run.concurrency_group)
+        .bind(i64::from(run.cancel_in_progress))
+        .bind(&run.rerun_of)
+        .bind(now)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        self.run_by_id(id).await
+    }
+
     async fn run_by_id(&self, id: &str) -> Result<RunRecord, StoreError> {
         self.get(id)
             .await?

@@ -125,8 +125,16 @@ pub trait VmProvider: Send + Sync + 'static {
         })
     }
 
+    /// Whether VMs of this backend can take live snapshots ([`Vm::checkpoint`]), which
+    /// `--snapshots steps` needs. Asked before anything starts, so that a backend without them
+    /// fails up front instead of after the first step.
+    fn supports_checkpoints(&self) -> bool {
+        false
+    }
+
     /// Deletes a snapshot's files. VMs restored from it keep running. Deleting twice is not an
-    /// error.
+    /// error. A checkpoint's disk diff may stay until the snapshots taken after it are gone
+    /// (they build on it); the snapshot itself can no longer be restored.
     async fn delete_snapshot(&self, snapshot: &VmSnapshot) -> Result<(), VmError> {
         let _ = snapshot;
         Err(VmError::Unsupported {
@@ -193,6 +201,19 @@ pub trait Vm: Send + Sync + fmt::Debug + 'static {
         Err(VmError::Unsupported {
             backend: self.backend(),
             what: "snapshots".to_owned(),
+        })
+    }
+
+    /// Saves the whole VM under `dest` (a directory that must not exist yet) and lets it go on
+    /// running: a live snapshot, restorable with [`VmProvider::restore`]. The VM is paused while
+    /// its state is written. No command may be running in it (the runner checkpoints between
+    /// steps). Where the backend has them, the disk is saved as a diff against the previous
+    /// checkpoint of the same VM.
+    async fn checkpoint(&self, dest: &Path) -> Result<VmSnapshot, VmError> {
+        let _ = dest;
+        Err(VmError::Unsupported {
+            backend: self.backend(),
+            what: "live snapshots (--snapshots steps)".to_owned(),
         })
     }
 }

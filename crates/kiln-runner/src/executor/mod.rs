@@ -27,6 +27,7 @@ mod hash;
 mod reusable;
 mod shell;
 mod vms;
+pub mod snapshots;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -49,6 +50,10 @@ pub use commands::Annotation;
 use commands::{Masker, parse_key_values, parse_path_file, parse_workflow_command};
 pub use context::RunContext;
 pub use git::GitInfo;
+use snapshots::{
+    JobRecord, LegRecord, ResumePlan, RunManifest, SnapshotConfig, SnapshotError, SnapshotKind,
+    StepSnapshots, Taking,
+};
 
 /// GitHub's default job timeout.
 const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(360 * 60);
@@ -112,6 +117,8 @@ pub struct StepReport {
     pub duration: Duration,
     /// Why it failed, when kiln (not the step's command) decided so.
     pub error: Option<String>,
+    /// Not run: `kiln rerun --from-failed` restored its effects from a snapshot.
+    pub restored: bool,
 }
 
 /// A job leg's result, for the summary.
@@ -197,6 +204,13 @@ pub enum ExecError {
         #[source]
         source: crate::vm_types::VmTypeError,
     },
+    /// `--snapshots steps` cannot be used, or its run record not written. Nothing was
+    /// allocated.
+    #[error(transparent)]
+    Snapshots(#[from] SnapshotError),
+    /// A resume (`kiln rerun --from-failed`) that cannot be carried out. Nothing was allocated.
+    #[error("Cannot go on from the failed step: {0}")]
+    Resume(String),
     /// Setting up the VM failed.
     #[error("Setting up VM {vm} failed")]
     Setup {
@@ -217,6 +231,8 @@ impl ExecError {
                 | ExecError::Graph { .. }
                 | ExecError::Actions { .. }
                 | ExecError::VmType { .. }
+                | ExecError::Resume(_)
+                | ExecError::Snapshots(SnapshotError::Unsupported { .. })
         ) || matches!(self, ExecError::Session { source, .. }
                 if matches!(**source, SessionError::LimitReached { .. }))
     }
@@ -227,6 +243,7 @@ impl ExecError {
 pub struct WorkflowExecutor {
     sessions: SessionManager,
     resolver: actions::ActionResolver,
+    snapshots: Option<SnapshotConfig>,
 }
 
 /// Per-run state shared by its jobs.
@@ -240,6 +257,10 @@ struct RunState<'a> {
     catalog: actions::Catalog,
     /// The VM of the run's session(s) and its time limit.
     plan: vms::RunPlan,
+    /// `--snapshots steps`: the run's snapshots and record.
+    snapshots: Option<&'a StepSnapshots>,
+    /// `kiln rerun --from-failed`: where the run goes on from.
+    resume: Option<&'a ResumePlan>,
 }
 
 /// The part of a job leg's state that steps change.
@@ -255,6 +276,9 @@ struct LegState {
     posts: Vec<actions::PostStep>,
     /// State saved by `pre` scripts, by the index of the step whose action they belong to.
     pre_state: HashMap<usize, IndexMap<String, String>>,
+    /// The environment and working directory of the last process a step ran (for the step
+    /// snapshot's record: `kiln debug` opens its shell there).
+    last_exec: Option<(IndexMap<String, String>, String)>,
 }
 
 impl LegState {
@@ -269,6 +293,7 @@ impl LegState {
             annotations: Vec::new(),
             posts: Vec::new(),
             pre_state: HashMap::new(),
+            last_exec: None,
         }
     }
 }
@@ -338,7 +363,15 @@ impl WorkflowExecutor {
         WorkflowExecutor {
             sessions,
             resolver: actions::ActionResolver::default(),
+            snapshots: None,
         }
+    }
+
+    /// Takes step snapshots (`--snapshots steps`, see [`snapshots`]) in every run, and records
+    /// runs under `config.root`.
+    pub fn with_snapshots(mut self, config: SnapshotConfig) -> WorkflowExecutor {
+        self.snapshots = Some(config);
+        self
     }
 
     /// Where remote actions and reusable workflows come from (base URL, cache, offline,
@@ -366,10 +399,80 @@ impl WorkflowExecutor {
         events: &EventSink,
         cancel: &CancellationToken,
     ) -> Result<RunReport, ExecError> {
+        self.run(workflow, options, None, events, cancel).await
+    }
+
+    /// Goes on with a run from a step snapshot (`kiln rerun --from-failed`): the session's VM
+    /// is restored from `plan.snapshot` (the seed's rollback: the VM as it was after the last
+    /// good step), the jobs that had finished keep their recorded results, the steps the
+    /// snapshot includes are reported as restored (`step_restored`), and the run goes on with
+    /// the next step of `workflow` as it is now. Only `isolation = "workflow"` runs can be
+    /// resumed.
+    pub async fn resume(
+        &self,
+        workflow: &Workflow,
+        options: &RunOptions,
+        plan: &ResumePlan,
+        events: &EventSink,
+        cancel: &CancellationToken,
+    ) -> Result<RunReport, ExecError> {
+        if options.isolation != Isolation::Workflow {
+            return Err(ExecError::Resume(
+                "only runs with isolation = \"workflow\" (one VM) can be resumed".to_owned(),
+            ));
+        }
+        self.run(workflow, options, Some(plan), events, cancel)
+            .await
+    }
+
+    async fn run(
+        &self,
+        workflow: &Workflow,
+        options: &RunOptions,
+        resume: Option<&ResumePlan>,
+        events: &EventSink,
+        cancel: &CancellationToken,
+    ) -> Result<RunReport, ExecError> {
         let started = Instant::now();
         let name = workflow.display_name().to_owned();
         check_supported(workflow, &options.only_jobs)?;
         let plan = vms::plan(workflow, options)?;
+        let snapshots = match &self.snapshots {
+            Some(config) => {
+                let provider = self.sessions.provider();
+                if !provider.supports_checkpoints() {
+                    return Err(SnapshotError::Unsupported {
+                        backend: provider.name(),
+                    }
+                    .into());
+                }
+                Some(StepSnapshots::start(
+                    config.clone(),
+                    RunManifest {
+                        format: 1,
+                        run_id: options.run_id.clone(),
+                        workflow_file: std::path::absolute(&*workflow.file)
+                            .unwrap_or_else(|_| PathBuf::from(&*workflow.file)),
+                        workflow_name: name.clone(),
+                        event: options.context.event_name.clone(),
+                        backend: provider.name().to_owned(),
+                        isolation: match options.isolation {
+                            Isolation::Workflow => "workflow",
+                            Isolation::Job => "job",
+                        }
+                        .to_owned(),
+                        spec: (&plan.spec).into(),
+                        base_path: String::new(),
+                        result: None,
+                        failed: None,
+                        jobs: Vec::new(),
+                        snapshots: Vec::new(),
+                        rerun_of: resume.map(|p| p.from_run.clone()),
+                    },
+                )?)
+            }
+            None => None,
+        };
         let catalog = actions::catalog::build(
             &self.resolver,
             workflow,
@@ -406,6 +509,8 @@ impl WorkflowExecutor {
             allocations: Default::default(),
             catalog,
             plan,
+            snapshots: snapshots.as_ref(),
+            resume,
         };
         let outcome = match options.isolation {
             Isolation::Workflow => self.run_in_one_session(&state, &levels).await,
@@ -430,6 +535,9 @@ impl WorkflowExecutor {
             }
         };
         let result = run_result(&jobs, cancel.is_cancelled());
+        if let Some(snapshots) = &snapshots {
+            snapshots.update(|m| m.result = Some(result.as_str().to_owned()));
+        }
         if result == Conclusion::Success {
             info!(
                 "Workflow '{name}' completed successfully in {} ms",
@@ -473,6 +581,18 @@ impl WorkflowExecutor {
                     continue;
                 };
                 if !selected(job_id, &state.options.only_jobs) {
+                    continue;
+                }
+                if let Some(record) = state
+                    .resume
+                    .and_then(|plan| plan.finished_jobs.iter().find(|j| &j.id == job_id))
+                {
+                    let report = self.restored_job(state, record);
+                    needs.insert(
+                        job_id.clone(),
+                        NeedResult::from_legs(std::slice::from_ref(&report)),
+                    );
+                    reports.push(report);
                     continue;
                 }
                 let (legs, need) = self
@@ -526,14 +646,18 @@ impl WorkflowExecutor {
             workflow: state.workflow.display_name().to_owned(),
             spec,
         };
-        let guard = self
-            .sessions
-            .create_session(request)
-            .await
-            .map_err(|source| ExecError::Session {
-                run: state.options.run_id.clone(),
-                source: Box::new(source),
-            })?;
+        let created = match state.resume {
+            Some(plan) => {
+                self.sessions
+                    .create_session_from(request, plan.snapshot.clone())
+                    .await
+            }
+            None => self.sessions.create_session(request).await,
+        };
+        let guard = created.map_err(|source| ExecError::Session {
+            run: state.options.run_id.clone(),
+            source: Box::new(source),
+        })?;
         state
             .allocations
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -547,8 +671,17 @@ impl WorkflowExecutor {
         });
         let vm = guard.vm().clone();
         let layout = Layout::new(vm.work_root());
+        if let Some(plan) = state.resume {
+            // The restored VM is set up already: its workspace is the one the steps left.
+            return Ok(Prepared::new(guard, layout, plan.base_path.clone()));
+        }
         match setup(&*vm, &layout, &state.options.context).await {
-            Ok(base_path) => Ok(Prepared::new(guard, layout, base_path)),
+            Ok(base_path) => {
+                if let Some(snapshots) = state.snapshots {
+                    snapshots.update(|m| m.base_path = base_path.clone());
+                }
+                Ok(Prepared::new(guard, layout, base_path))
+            }
             Err(source) => {
                 let vm_id = guard.vm_id().to_owned();
                 self.close_session(state, Prepared::new(guard, layout, String::new()))
@@ -874,20 +1007,28 @@ impl WorkflowExecutor {
             }
         }
         ctx_map.insert("env".into(), string_map_value(&pre_env));
-        steps.extend(
-            self.run_pre_steps(
-                state,
-                job_id,
-                &job.steps,
-                &mut next_index,
-                (&vm, prepared, cancel),
-                &ctx_map,
-                &mut leg_state,
-                deadline,
-            )
-            .await,
-        );
+        let resume = state.resume.filter(|plan| plan.job == job_id);
+        match resume {
+            // The snapshot holds what the pre steps and the first steps did.
+            Some(plan) => steps.extend(self.restore_leg(state, job_id, plan, &mut leg_state)),
+            None => steps.extend(
+                self.run_pre_steps(
+                    state,
+                    job_id,
+                    &job.steps,
+                    &mut next_index,
+                    (&vm, prepared, cancel),
+                    &ctx_map,
+                    &mut leg_state,
+                    deadline,
+                )
+                .await,
+            ),
+        }
         for step in &job.steps {
+            if resume.is_some_and(|plan| step.index <= plan.step) {
+                continue;
+            }
             if cancel.is_cancelled() && leg_state.status != JobStatus::Cancelled {
                 leg_state.status = JobStatus::Cancelled;
             }
@@ -911,6 +1052,18 @@ impl WorkflowExecutor {
             }
             if report.outcome == Conclusion::Cancelled {
                 leg_state.status = JobStatus::Cancelled;
+            }
+            if let Some(snapshots) = state.snapshots {
+                self.snapshot_step(
+                    state,
+                    snapshots,
+                    (job_id, index, job),
+                    step,
+                    &report,
+                    &leg_state,
+                    (&vm, prepared),
+                )
+                .await;
             }
             steps.push(report);
         }
@@ -961,6 +1114,22 @@ impl WorkflowExecutor {
             result,
             outputs: outputs.clone(),
         });
+        if let Some(snapshots) = state.snapshots {
+            snapshots.update(|m| {
+                m.jobs.push(JobRecord {
+                    id: job_id.to_owned(),
+                    name: name.clone(),
+                    result: result.as_str().to_owned(),
+                    outputs: outputs.clone(),
+                    steps: steps
+                        .iter()
+                        .take(job.steps.len())
+                        .map(|s| s.name.clone())
+                        .collect(),
+                    fingerprints: job.steps.iter().map(snapshots::fingerprint).collect(),
+                })
+            });
+        }
         JobReport {
             id: job_id.to_owned(),
             name,
@@ -1046,6 +1215,7 @@ impl WorkflowExecutor {
                 exit_code: None,
                 duration: Duration::ZERO,
                 error: None,
+                restored: false,
             };
             self.record_step(state, job_id, step, vm, leg, &report, IndexMap::new());
             return report;
@@ -1131,6 +1301,7 @@ impl WorkflowExecutor {
             exit_code,
             duration: started.elapsed(),
             error,
+            restored: false,
         };
         self.record_step(state, job_id, step, vm, leg, &report, outputs);
         report
@@ -1176,6 +1347,7 @@ impl WorkflowExecutor {
             exec_env.insert("PATH".into(), path.join(":"));
         }
         let timeout = cx.timeout;
+        leg.last_exec = Some((exec_env.clone(), cwd.clone()));
         let request = ExecRequest {
             command,
             env: exec_env.into_iter().collect(),
@@ -1339,6 +1511,7 @@ impl WorkflowExecutor {
             exit_code: None,
             duration: started.elapsed(),
             error: Some(message),
+            restored: false,
         };
         self.record_step(state, job_id, step, vm, leg, &report, IndexMap::new());
         report
@@ -1394,6 +1567,165 @@ impl WorkflowExecutor {
             outputs,
             duration_ms: millis(report.duration),
         });
+    }
+}
+
+impl WorkflowExecutor {
+    /// After a step: a snapshot of the leg's VM, when the step succeeded (and nothing failed
+    /// before it), or the failure state when it is the run's first failed step.
+    #[allow(clippy::too_many_arguments)]
+    async fn snapshot_step(
+        &self,
+        state: &RunState<'_>,
+        snapshots: &StepSnapshots,
+        (job_id, leg, job): (&str, usize, &Job),
+        step: &Step,
+        report: &StepReport,
+        leg_state: &LegState,
+        (vm, prepared): (&Arc<dyn Vm>, &Prepared),
+    ) {
+        let kind = match (report.outcome, report.conclusion) {
+            (Conclusion::Skipped | Conclusion::Cancelled, _) => return,
+            (_, Conclusion::Success) if leg_state.status == JobStatus::Success => {
+                SnapshotKind::AfterStep
+            }
+            (_, Conclusion::Failure) if !snapshots.has_failure() => SnapshotKind::Failure,
+            _ => return,
+        };
+        let (mut env, cwd) = leg_state
+            .last_exec
+            .clone()
+            .unwrap_or_else(|| (IndexMap::new(), prepared.layout.workspace.clone()));
+        env.extend(leg_state.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        if !leg_state.path.is_empty() {
+            let mut path: Vec<&str> = leg_state.path.iter().rev().map(String::as_str).collect();
+            path.push(&prepared.base_path);
+            env.insert("PATH".into(), path.join(":"));
+        }
+        let leg_record = LegRecord {
+            env: leg_state.env.clone(),
+            path: leg_state.path.clone(),
+            steps: leg_state
+                .steps
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_json()))
+                .collect(),
+            summary: leg_state.summary.clone(),
+        };
+        prepared.guard.touch();
+        snapshots
+            .take(
+                &**self.sessions.provider(),
+                &**vm,
+                state.events,
+                Taking {
+                    job: job_id,
+                    leg,
+                    step: step.index,
+                    name: &report.name,
+                    kind,
+                    env,
+                    cwd,
+                    leg_state: leg_record,
+                    fingerprints: job.steps[..=step.index.min(job.steps.len() - 1)]
+                        .iter()
+                        .map(snapshots::fingerprint)
+                        .collect(),
+                },
+            )
+            .await;
+        prepared.guard.touch();
+    }
+
+    /// The resumed leg's first steps, restored from the snapshot: its state as recorded, and a
+    /// `step_restored` event and a restored report for each.
+    fn restore_leg(
+        &self,
+        state: &RunState<'_>,
+        job_id: &str,
+        plan: &ResumePlan,
+        leg_state: &mut LegState,
+    ) -> Vec<StepReport> {
+        leg_state.env = plan.leg_state.env.clone();
+        leg_state.path = plan.leg_state.path.clone();
+        leg_state.summary = plan.leg_state.summary.clone();
+        leg_state.steps = plan
+            .leg_state
+            .steps
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::from_json(v.clone())))
+            .collect();
+        plan.restored_steps
+            .iter()
+            .enumerate()
+            .map(|(index, name)| {
+                state.events.emit(EventKind::StepRestored {
+                    job: job_id.to_owned(),
+                    step: index,
+                    name: name.clone(),
+                    from_run: plan.from_run.clone(),
+                });
+                restored_step(name)
+            })
+            .collect()
+    }
+
+    /// A job leg that finished before the resumed one: reported as recorded, not run.
+    fn restored_job(&self, state: &RunState<'_>, record: &JobRecord) -> JobReport {
+        let from_run = state.resume.map(|p| p.from_run.clone()).unwrap_or_default();
+        state.events.emit(EventKind::JobStarted {
+            job: record.id.clone(),
+            name: record.name.clone(),
+        });
+        let steps = record
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(index, name)| {
+                state.events.emit(EventKind::StepRestored {
+                    job: record.id.clone(),
+                    step: index,
+                    name: name.clone(),
+                    from_run: from_run.clone(),
+                });
+                restored_step(name)
+            })
+            .collect();
+        let result = match record.result.as_str() {
+            "success" => Conclusion::Success,
+            "skipped" => Conclusion::Skipped,
+            "cancelled" => Conclusion::Cancelled,
+            _ => Conclusion::Failure,
+        };
+        state.events.emit(EventKind::JobFinished {
+            job: record.id.clone(),
+            name: record.name.clone(),
+            result,
+            outputs: record.outputs.clone(),
+        });
+        JobReport {
+            id: record.id.clone(),
+            name: record.name.clone(),
+            result,
+            duration: Duration::ZERO,
+            steps,
+            outputs: record.outputs.clone(),
+            summary: String::new(),
+            annotations: Vec::new(),
+        }
+    }
+}
+
+/// A step whose effects came from a snapshot.
+fn restored_step(name: &str) -> StepReport {
+    StepReport {
+        name: name.to_owned(),
+        outcome: Conclusion::Success,
+        conclusion: Conclusion::Success,
+        exit_code: None,
+        duration: Duration::ZERO,
+        error: None,
+        restored: true,
     }
 }
 

@@ -105,6 +105,8 @@ impl WorkflowExecutor {
             allocations: Default::default(),
             catalog: state.catalog.clone(),
             plan: state.plan.clone(),
+            snapshots: state.snapshots,
+            resume: None,
         };
         let levels = kiln_workflow::job_order(&called).map_err(|source| ExecError::Graph {
             workflow: called.file.to_string(),

@@ -38,6 +38,21 @@
 //! A restore that fails (QEMU exits, the load fails, the agent does not answer) is a
 //! [`VmError::Boot`] and leaves nothing behind.
 //!
+//! # Checkpoints (live snapshots, `--snapshots steps`)
+//! [`Vm::checkpoint`] saves a VM that then runs on. With the VM stopped:
+//! 1. QMP `blockdev-snapshot-sync` freezes the disk file the VM writes and puts a new, empty
+//!    qcow2 layer on top of it (backed by the frozen one); new writes go there;
+//! 2. the memory and devices are written to `state` by migration, as for a save;
+//! 3. `cont` resumes the VM (and takes its disks back from the finished migration).
+//!
+//! The frozen layer then moves into the snapshot as `disk.qcow2`, and QMP
+//! `change-backing-file` points the new layer's header at that path (QEMU keeps the file it has
+//! open). So each checkpoint's disk is only what changed since the one before: a diff, chained
+//! to the previous checkpoint, down to the image (or the ready snapshot the VM came from). Such
+//! a snapshot is marked `chained`: deleting it removes its state but keeps the disk layer,
+//! which later checkpoints need; removing the run's snapshot directory removes the chain.
+//! Restoring one is a restore like any other: the new VM's overlay is backed by the chain.
+//!
 //! # The ready snapshot
 //! [`QemuProvider::ready`] keeps one snapshot per image, spec, accelerator, network and QEMU
 //! binary in `<image dir>/snapshots/ready-<key>/`: a VM booted until its agent answered and its
@@ -93,6 +108,11 @@ pub(super) struct Meta {
     network: String,
     qemu: String,
     recipe_hash: String,
+    /// A checkpoint: its disk is one layer of a chain (later checkpoints of the same VM build on
+    /// it), so deleting the snapshot leaves the disk file. Left out when false, which keeps the
+    /// ready snapshots' keys as they were.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    chained: bool,
 }
 
 impl Meta {
@@ -109,6 +129,7 @@ impl Meta {
             network: network_name(config.network).to_owned(),
             qemu: qemu_identity(&config.binary),
             recipe_hash: image.manifest.recipe_hash.clone(),
+            chained: false,
         }
     }
 
@@ -183,12 +204,22 @@ fn ready_key(meta: &Meta) -> String {
     format!("ready-{hex}")
 }
 
-/// Deletes a snapshot's directory; a missing one is not an error.
+/// Deletes a snapshot's directory; a missing one is not an error. Of a checkpoint only the
+/// state and `snapshot.json` go: its disk layer may be the backing file of later checkpoints
+/// (or of the VM still running), so it stays until its whole directory tree is removed.
 pub(super) async fn delete(snapshot: &VmSnapshot) -> Result<(), VmError> {
     let dir = snapshot.dir.clone();
-    let result = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+    let result = tokio::task::spawn_blocking(move || {
+        let gone = |r: std::io::Result<()>| match r {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+        if read_meta(&dir).is_ok_and(|meta| meta.chained) {
+            gone(std::fs::remove_file(dir.join(STATE)))?;
+            gone(std::fs::remove_file(dir.join(META)))
+        } else {
+            gone(std::fs::remove_dir_all(&dir))
+        }
     })
     .await
     .unwrap_or_else(|e| Err(std::io::Error::other(e)));
@@ -255,7 +286,8 @@ impl QemuVm {
         if !self.process.wait_for(Duration::from_secs(10)).await {
             self.process.kill_and_wait().await;
         }
-        tokio::fs::rename(self.dir.join(DISK), dest.join(DISK))
+        let top = self.top_disk();
+        tokio::fs::rename(&top, dest.join(DISK))
             .await
             .map_err(|e| io(format!("moving the disk into {}", dest.display()), e))?;
         let json = serde_json::to_vec_pretty(&self.meta)
@@ -269,6 +301,171 @@ impl QemuVm {
             spec: self.meta.spec(),
             size_bytes: dir_size(dest),
         })
+    }
+}
+
+impl QemuVm {
+    /// The disk file the VM writes now.
+    fn top_disk(&self) -> std::path::PathBuf {
+        self.top
+            .lock()
+            .expect("the disk-layer lock is never held across a panic")
+            .0
+            .clone()
+    }
+
+    /// A checkpoint: saves this VM under `dest` and lets it run on (see the module docs).
+    pub(super) async fn live_save(&self, dest: &Path) -> Result<VmSnapshot, VmError> {
+        self.check()?;
+        let started = Instant::now();
+        let io = |op: String, source| VmError::Io {
+            vm: self.id.clone(),
+            op,
+            source,
+        };
+        let failed = |reason: String| VmError::Guest {
+            vm: self.id.clone(),
+            message: format!("Taking a live snapshot failed: {reason}"),
+        };
+        let dest = std::path::absolute(dest)
+            .map_err(|e| io(format!("resolving {}", dest.display()), e))?;
+        tokio::fs::create_dir(&dest)
+            .await
+            .map_err(|e| io(format!("creating {}", dest.display()), e))?;
+        let (frozen, layers) = self
+            .top
+            .lock()
+            .expect("the disk-layer lock is never held across a panic")
+            .clone();
+        let next = self.dir.join(format!("disk-{}.qcow2", layers + 1));
+        let node = format!("layer{}", layers + 1);
+        let state = dest.join(STATE);
+        let mut slot = self.qmp.lock().await;
+        let qmp = slot
+            .as_mut()
+            .ok_or_else(|| failed("QMP is not connected".to_owned()))?;
+        let qmp_err = |e: super::qmp::QmpError| failed(e.to_string());
+        qmp.execute("stop", None).await.map_err(qmp_err)?;
+        // While the VM is stopped: freeze the disk (new writes go to a new layer on top), then
+        // write the memory and devices. Both are the state of this one moment.
+        let saved = async {
+            qmp.execute(
+                "blockdev-snapshot-sync",
+                Some(json!({
+                    "device": "root",
+                    "snapshot-file": next,
+                    "snapshot-node-name": node,
+                    "format": "qcow2",
+                })),
+            )
+            .await
+            .map_err(qmp_err)?;
+            *self
+                .top
+                .lock()
+                .expect("the disk-layer lock is never held across a panic") =
+                (next.clone(), layers + 1);
+            migrate_to_file(qmp, &state).await.map_err(failed)
+        }
+        .await;
+        // Whatever happened, the VM runs on (`cont` also takes its disks back from the
+        // finished migration).
+        let resumed = qmp.execute("cont", None).await.map_err(qmp_err);
+        let frozen_now = self.top_disk() != frozen;
+        let result = saved.and(resumed);
+        if let Err(e) = result {
+            drop(slot);
+            if !frozen_now {
+                let _ = tokio::fs::remove_dir_all(&dest).await;
+            }
+            return Err(e);
+        }
+        // The frozen layer moves into the snapshot, and the new layer's header learns where its
+        // backing file went (QEMU keeps reading the file it has open).
+        let disk = dest.join(DISK);
+        if let Err(e) = move_file(&frozen, &disk).await {
+            return Err(io(format!("moving the disk into {}", dest.display()), e));
+        }
+        if let Err(e) = qmp
+            .execute(
+                "change-backing-file",
+                Some(json!({
+                    "device": "root",
+                    "image-node-name": node,
+                    "backing-file": disk,
+                })),
+            )
+            .await
+        {
+            let _ = move_file(&disk, &frozen).await;
+            return Err(qmp_err(e));
+        }
+        drop(slot);
+        let meta = Meta {
+            chained: true,
+            ..self.meta.clone()
+        };
+        let json = serde_json::to_vec_pretty(&meta)
+            .expect("a Meta always serializes (plain strings and numbers)");
+        tokio::fs::write(dest.join(META), json)
+            .await
+            .map_err(|e| io(format!("writing {}", dest.join(META).display()), e))?;
+        tracing::debug!(
+            vm = %self.id,
+            dest = %dest.display(),
+            "live snapshot taken in {} ms",
+            started.elapsed().as_millis()
+        );
+        Ok(VmSnapshot {
+            backend: "qemu",
+            dir: dest.clone(),
+            spec: self.meta.spec(),
+            size_bytes: dir_size(&dest),
+        })
+    }
+}
+
+/// Writes the stopped VM's memory and devices to `state` with QMP `migrate`, and waits for it.
+async fn migrate_to_file(qmp: &mut super::qmp::Qmp, state: &Path) -> Result<(), String> {
+    qmp.execute(
+        "migrate-set-parameters",
+        Some(json!({ "max-bandwidth": 1u64 << 40 })),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let uri = format!("exec:cat > {}", shell_quote(state));
+    qmp.execute("migrate", Some(json!({ "uri": uri })))
+        .await
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + SAVE_TIMEOUT;
+    loop {
+        let status = qmp
+            .execute("query-migrate", None)
+            .await
+            .map_err(|e| e.to_string())?;
+        match status["status"].as_str().unwrap_or("") {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => {
+                let desc = status["error-desc"].as_str().unwrap_or("no reason given");
+                return Err(format!("QEMU's migration failed: {desc}"));
+            }
+            _ if Instant::now() > deadline => {
+                return Err(format!("the state was not saved within {SAVE_TIMEOUT:?}"));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// Moves a file, copying it when `to` is on another file system.
+async fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
+    match tokio::fs::rename(from, to).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error()) => {
+            tokio::fs::copy(from, to).await?;
+            tokio::fs::remove_file(from).await
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -466,6 +663,7 @@ impl QemuProvider {
                     process,
                     released: AtomicBool::new(false),
                     accel,
+                    top: std::sync::Mutex::new((dir.join(DISK), 0)),
                 };
                 tracing::debug!(vm = %id, from = %snapshot.dir.display(), "QEMU VM restored");
                 Ok(Allocation {
@@ -504,6 +702,7 @@ mod tests {
             network: "user".into(),
             qemu: "/usr/bin/qemu-system-x86_64 1 2".into(),
             recipe_hash: "abc".into(),
+            chained: false,
         }
     }
 

@@ -919,6 +919,7 @@ impl WorkflowExecutor {
             exit_code: done.exit_code,
             duration,
             error: done.error,
+            restored: false,
         }
     }
 }
