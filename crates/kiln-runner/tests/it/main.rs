@@ -6,3 +6,4 @@ mod executor;
 mod pool;
 mod qemu;
 mod session;
+mod snapshots;

@@ -627,3 +627,63 @@ async fn a_killed_kiln_leaks_no_qemu() {
     let _next = provider(runtime.path(), Accel::Auto);
     assert_no_leak(runtime.path(), &[id]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_keep_the_vm_running_and_restore_each_moment_as_a_diff_chain() {
+    if support::skip_vm_tests() {
+        return;
+    }
+    tokio::task::spawn_blocking(support::default_image)
+        .await
+        .unwrap();
+    let _guard = VM_LOCK.lock().await;
+    let runtime = tempfile::tempdir().unwrap();
+    let saved = tempfile::tempdir().unwrap();
+    let qemu = provider(runtime.path(), Accel::Auto);
+    assert!(qemu.supports_checkpoints());
+    let vm = qemu.allocate(&spec()).await.expect("boots").vm;
+    let mut ids = vec![vm.id().to_owned()];
+
+    // Disk (the work root) and memory (tmpfs) at three moments.
+    let write = |n: &'static str| {
+        format!("echo disk-{n} > /home/runner/work/f && mkdir -p /dev/shm && echo mem-{n} > /dev/shm/m")
+    };
+    let read = "cat /home/runner/work/f /dev/shm/m | tr '\\n' ' '";
+    sh(&*vm, &write("one")).await;
+    let one = vm.checkpoint(&saved.path().join("one")).await.expect("checkpoint 1");
+    assert_eq!(sh(&*vm, read).await, "disk-one mem-one", "the VM runs on");
+    sh(&*vm, &write("two")).await;
+    let two = vm.checkpoint(&saved.path().join("two")).await.expect("checkpoint 2");
+    sh(&*vm, &write("three")).await;
+    // Each checkpoint's disk is a diff: small, whatever the image's size.
+    for snapshot in [&one, &two] {
+        let disk = std::fs::metadata(snapshot.dir.join("disk.qcow2")).unwrap().len();
+        assert!(disk < 64 << 20, "{disk} bytes");
+    }
+    // A destination that exists is an error, and the VM goes on.
+    let err = vm
+        .checkpoint(&saved.path().join("two"))
+        .await
+        .expect_err("the destination exists");
+    assert!(err.to_string().contains("creating"), "{err}");
+    assert_eq!(sh(&*vm, read).await, "disk-three mem-three");
+
+    let restored_one = qemu.restore(&one).await.expect("restore 1").vm;
+    ids.push(restored_one.id().to_owned());
+    assert_eq!(sh(&*restored_one, read).await, "disk-one mem-one");
+    // Collecting checkpoint 1 removes its state but keeps the disk diff checkpoint 2 builds on.
+    qemu.delete_snapshot(&one).await.unwrap();
+    assert!(!one.dir.join("state").exists());
+    assert!(one.dir.join("disk.qcow2").exists());
+    let restored_two = qemu.restore(&two).await.expect("restore 2").vm;
+    ids.push(restored_two.id().to_owned());
+    assert_eq!(sh(&*restored_two, read).await, "disk-two mem-two");
+    assert_eq!(sh(&*vm, read).await, "disk-three mem-three");
+    for vm in [&vm, &restored_one, &restored_two] {
+        qemu.release(&**vm).await.unwrap();
+    }
+    assert_no_leak(runtime.path(), &ids);
+    // The local backend has no live snapshots, and says so.
+    let local = LocalProvider::new(runtime.path().to_owned());
+    assert!(!local.supports_checkpoints());
+}
