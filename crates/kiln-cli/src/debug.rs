@@ -145,7 +145,11 @@ pub async fn provider_for(
     let kind: BackendKind = manifest.backend.parse().map_err(|e| {
         Exit::new(
             exit::INFRA,
-            anyhow!("Run {} was made by backend {}: {e}", manifest.run_id, manifest.backend),
+            anyhow!(
+                "Run {} was made by backend {}: {e}",
+                manifest.run_id,
+                manifest.backend
+            ),
         )
     })?;
     let config = file.backend_config(dirs, None).map_err(usage)?;
@@ -156,7 +160,11 @@ pub async fn provider_for(
 }
 
 /// Runs the command (or, later, the shell) in the restored VM.
-async fn session(vm: &Arc<dyn Vm>, record: &SnapshotRecord, command: &[String]) -> Result<u8, Exit> {
+async fn session(
+    vm: &Arc<dyn Vm>,
+    record: &SnapshotRecord,
+    command: &[String],
+) -> Result<u8, Exit> {
     if command.is_empty() {
         return Err(usage(anyhow!(
             "An interactive shell is not yet supported by `kiln debug` (it needs a terminal \

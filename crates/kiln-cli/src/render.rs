@@ -176,7 +176,11 @@ impl Terminal {
             } => format!(
                 "{}   📸 snapshot {} step {} ({} MiB, {})",
                 self.prefix(run, job),
-                if kind == "failure" { "at failed" } else { "after" },
+                if kind == "failure" {
+                    "at failed"
+                } else {
+                    "after"
+                },
                 step + 1,
                 size_bytes >> 20,
                 human_ms(*duration_ms)

@@ -60,8 +60,8 @@ pub async fn rerun(file: &FileConfig, args: RerunArgs) -> Result<u8, Exit> {
     let context = context(file, &dirs, &manifest, &args).await?;
     let provider = crate::debug::provider_for(file, &dirs, &manifest).await?;
     let sessions = SessionManager::new(provider.clone(), SessionConfig::default());
-    let executor = WorkflowExecutor::new(sessions.clone())
-        .with_snapshots(snapshot_config(&dirs, 3, 8192));
+    let executor =
+        WorkflowExecutor::new(sessions.clone()).with_snapshots(snapshot_config(&dirs, 3, 8192));
 
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
     let (recorder, recording) =
@@ -259,6 +259,7 @@ fn plan(manifest: &RunManifest) -> Result<(kiln_workflow::Workflow, ResumePlan),
     let plan = ResumePlan {
         from_run: run.clone(),
         snapshot: manifest.vm_snapshot(good),
+        record: good.clone(),
         job: failed.job.clone(),
         step: good.step,
         restored_steps,

@@ -186,7 +186,10 @@ async fn flush(
 ) {
     while !pending.is_empty() {
         let run = pending[0].0.clone();
-        let end = pending.iter().position(|(r, _)| *r != run).unwrap_or(pending.len());
+        let end = pending
+            .iter()
+            .position(|(r, _)| *r != run)
+            .unwrap_or(pending.len());
         let bodies: Vec<String> = pending.drain(..end).map(|(_, b)| b).collect();
         if let Err(e) = store.append_events(&run, &bodies).await {
             warn("events", e);
@@ -430,8 +433,10 @@ mod tests {
     fn log_lines_show_steps_logs_and_results() {
         let line = |v: serde_json::Value| log_line(&v);
         assert_eq!(
-            line(serde_json::json!({"type":"log","job":"b","step":0,"stream":"stdout","line":"hi"}))
-                .as_deref(),
+            line(
+                serde_json::json!({"type":"log","job":"b","step":0,"stream":"stdout","line":"hi"})
+            )
+            .as_deref(),
             Some("[b] | hi")
         );
         assert_eq!(

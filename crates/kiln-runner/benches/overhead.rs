@@ -15,6 +15,11 @@
 //!   (`source: snapshot`), and a hand-out from a warm pool (`source: pool`, the pool refilled
 //!   between samples as it is between sessions). `KILN_BENCH_ALLOC_N` sets the samples of each
 //!   (default 7 with `--bench`, 2 without).
+//! - with `KILN_BENCH_QEMU=1` too: the cost of `--snapshots steps`. The same 6-step workflow
+//!   (3 trivial steps, 3 that write 32 MiB and hash it) runs with snapshots off and on, in VMs
+//!   restored from the ready snapshot. Printed: each snapshot's time (p50, p95) and size, its
+//!   ratio to the step's own run time (trivial and working steps apart), and the whole run's
+//!   wall time on against off, per step.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -200,7 +205,140 @@ async fn qemu(baseline: Duration, runtime: PathBuf, n: usize) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(if n > 1 { 7 } else { 2 });
-    allocation_sources(provider, n).await;
+    allocation_sources(provider.clone(), n).await;
+    step_snapshots(provider, n).await;
+}
+
+const SIX_STEPS: &str = r#"
+name: snapbench
+on: push
+jobs:
+  a:
+    runs-on: ubuntu-latest
+    steps:
+      - run: "true"
+      - run: head -c 33554432 /dev/urandom > blob1 && sha256sum blob1
+      - run: "true"
+      - run: head -c 33554432 /dev/urandom > blob2 && sha256sum blob2
+      - run: "true"
+      - run: head -c 33554432 /dev/urandom > blob3 && sha256sum blob3
+"#;
+
+/// `--snapshots steps` against `off` on the same workflow, in the same run.
+async fn step_snapshots(backend: Arc<dyn VmProvider>, n: usize) {
+    use kiln_runner::event::EventKind;
+    use kiln_runner::executor::snapshots::SnapshotConfig;
+    use kiln_runner::pool::{PoolSettings, PooledProvider};
+    let workflow = kiln_workflow::parse_workflow("snapbench.yml", SIX_STEPS).expect("valid");
+    let workspace = tempfile::tempdir().expect("tempdir");
+    let records = tempfile::tempdir().expect("tempdir");
+    let pooled: Arc<dyn VmProvider> = Arc::new(
+        PooledProvider::new(
+            backend,
+            PoolSettings {
+                snapshots: true,
+                pools: Vec::new(),
+            },
+            None,
+        )
+        .expect("provider"),
+    );
+    let sessions = SessionManager::new(pooled, SessionConfig::default());
+    let off = WorkflowExecutor::new(sessions.clone());
+    let on = WorkflowExecutor::new(sessions).with_snapshots(SnapshotConfig {
+        root: records.path().to_owned(),
+        keep: 2,
+        max_bytes: u64::MAX,
+    });
+    let mut walls: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+    // Per step kind (trivial, working): the steps' own times and the snapshots' times.
+    let mut steps: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut snaps: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut sizes = Vec::new();
+    for i in 0..n {
+        for (which, executor) in [(0, &off), (1, &on)] {
+            let options = RunOptions {
+                run_id: format!("snapbench-{i}-{which}"),
+                isolation: Isolation::Workflow,
+                spec: VmSpec::default(),
+                vm_types: None,
+                context: RunContext::new(
+                    "push",
+                    Some(workspace.path().to_path_buf()),
+                    GitInfo::discover(workspace.path()),
+                ),
+                only_jobs: Vec::new(),
+                matrix_filter: Vec::new(),
+            };
+            let (sink, mut rx) = EventSink::channel(options.run_id.clone());
+            let report = executor
+                .execute(&workflow, &options, &sink, &CancellationToken::new())
+                .await
+                .expect("run");
+            drop(sink);
+            assert_eq!(report.result, kiln_runner::event::Conclusion::Success);
+            let mut allocation = Duration::ZERO;
+            while let Some(event) = rx.recv().await {
+                match event.kind {
+                    EventKind::SessionAllocated { allocation_ms, .. } => {
+                        allocation = Duration::from_millis(allocation_ms);
+                    }
+                    EventKind::StepFinished {
+                        step, duration_ms, ..
+                    } if which == 1 => steps[step % 2].push(duration_ms as f64),
+                    EventKind::SnapshotTaken {
+                        step,
+                        duration_ms,
+                        size_bytes,
+                        ..
+                    } => {
+                        snaps[step % 2].push(duration_ms as f64);
+                        sizes.push(size_bytes);
+                    }
+                    EventKind::SnapshotFailed { error, .. } => panic!("snapshot failed: {error}"),
+                    _ => {}
+                }
+            }
+            walls[which].push(report.duration.saturating_sub(allocation));
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let p95 = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[((0.95 * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1]
+    };
+    sizes.sort();
+    println!("qemu --snapshots steps ({n} runs each way, 6 steps):");
+    for (kind, name) in [
+        (0, "trivial step (`true`)"),
+        (1, "working step (32 MiB + sha256)"),
+    ] {
+        let (step, snap, snap95) = (
+            med(&mut steps[kind]),
+            med(&mut snaps[kind]),
+            p95(&mut snaps[kind]),
+        );
+        println!(
+            "  {name:<32} step p50 {step:>8.0} ms   snapshot p50 {snap:>6.0} ms p95 {snap95:>6.0} \
+             ms   snapshot/step {:>5.2}x",
+            snap / step.max(1.0)
+        );
+    }
+    println!(
+        "  snapshot size p50 {:.0} MiB (memory state + disk diff)",
+        sizes[sizes.len() / 2] as f64 / f64::from(1 << 20)
+    );
+    let (off, on) = (median(walls[0].clone()), median(walls[1].clone()));
+    println!(
+        "  run without allocation p50: off {:.0} ms, steps {:.0} ms: {:.2}x, +{:.0} ms per step",
+        off.as_secs_f64() * 1e3,
+        on.as_secs_f64() * 1e3,
+        on.as_secs_f64() / off.as_secs_f64(),
+        (on.as_secs_f64() - off.as_secs_f64()) * 1e3 / 6.0
+    );
 }
 
 /// The p-th percentile (nearest rank) of sorted samples.

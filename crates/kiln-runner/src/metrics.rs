@@ -17,7 +17,7 @@
 //! | `vm_pool_utilization` | gauge (busy / max_total) | `backend`, `vm_type` |
 //! | `vm_pool_vms` | gauge | `backend`, `vm_type`, `state` (`idle`, `busy`, `warming`) |
 //! | `vm_pool_restore_failures` | gauge (since the pool started) | `backend`, `vm_type` |
-//! | `vm_snapshot_duration_seconds` | histogram | `backend`, `operation` (`ready`, `restore`) |
+//! | `vm_snapshot_duration_seconds` | histogram | `backend`, `operation` (`ready`, `restore`, `step`) |
 //! | `workflow_execution_duration_seconds` | histogram | `backend`, `result` |
 //! | `workflow_runs_total` | counter | `backend`, `result` |
 //! | `job_executions_total` | counter | `backend`, `result` |
@@ -173,7 +173,8 @@ impl Metrics {
             Family::new_with_constructor(seconds_histogram);
         registry.register(
             "vm_snapshot_duration_seconds",
-            "Time to find or create the ready snapshot, and to restore a VM from it",
+            "Time to find or create the ready snapshot, to restore a VM from it, and to take a \
+             step snapshot",
             snapshot_duration.clone(),
         );
         let workflow_duration: HistogramFamily<ResultLabels> =
@@ -325,6 +326,9 @@ impl Metrics {
                 self.workflow_duration
                     .get_or_create(&labels(*result))
                     .observe(*duration_ms as f64 / 1000.0);
+            }
+            EventKind::SnapshotTaken { duration_ms, .. } => {
+                self.snapshot_duration(backend, "step", Duration::from_millis(*duration_ms));
             }
             _ => {}
         }

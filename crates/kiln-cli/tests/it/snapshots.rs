@@ -20,10 +20,7 @@ impl Env {
             .expect("symlink the image");
         // The accelerator verdict, so that no KVM probe boot runs again.
         let shared = image.dir.parent().and_then(Path::parent).expect("data dir");
-        let _ = std::fs::copy(
-            shared.join("qemu-accel.json"),
-            data.join("qemu-accel.json"),
-        );
+        let _ = std::fs::copy(shared.join("qemu-accel.json"), data.join("qemu-accel.json"));
         std::fs::create_dir_all(dir.path().join("repo")).expect("mkdir");
         Env { dir }
     }
@@ -293,7 +290,10 @@ fn a_failed_run_is_debugged_and_resumed_from_its_snapshots_on_real_vms() {
     let out = env.kiln(&["logs", &run]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let logs = text(&out.stdout);
-    assert!(logs.contains(&format!("[build] | marker is {marker}")), "{logs}");
+    assert!(
+        logs.contains(&format!("[build] | marker is {marker}")),
+        "{logs}"
+    );
     assert!(logs.contains("[build] ⭐ Step 4: Check"), "{logs}");
     let out = env.kiln(&["logs", "nosuchrun"]);
     assert_eq!(out.status.code(), Some(2));
@@ -308,7 +308,14 @@ fn a_backend_without_live_snapshots_is_refused_up_front() {
     std::fs::create_dir_all(env.repo()).expect("mkdir");
     env.write("ci.yml", FAILING);
     let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["run", "--backend", "local", "--snapshots", "steps", "ci.yml"])
+        .args([
+            "run",
+            "--backend",
+            "local",
+            "--snapshots",
+            "steps",
+            "ci.yml",
+        ])
         .current_dir(env.repo())
         .env("KILN_RUNTIME_DIR", env.runtime())
         .env("KILN_DATA_DIR", env.data())
@@ -317,10 +324,7 @@ fn a_backend_without_live_snapshots_is_refused_up_front() {
         .expect("kiln runs");
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("the local backend cannot take"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("the local backend cannot take"), "{stderr}");
     assert!(!stderr.contains("Make marker"), "nothing ran: {stderr}");
     // Even a run that could not start is recorded.
     let out = Command::new(env!("CARGO_BIN_EXE_kiln"))

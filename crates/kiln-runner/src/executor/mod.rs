@@ -672,7 +672,14 @@ impl WorkflowExecutor {
         let vm = guard.vm().clone();
         let layout = Layout::new(vm.work_root());
         if let Some(plan) = state.resume {
-            // The restored VM is set up already: its workspace is the one the steps left.
+            // The restored VM is set up already: its workspace is the one the steps left. The
+            // restored snapshot is this run's first, so that this run can be resumed too.
+            if let Some(snapshots) = state.snapshots {
+                snapshots.update(|m| {
+                    m.base_path = plan.base_path.clone();
+                    m.snapshots.push(plan.record.clone());
+                });
+            }
             return Ok(Prepared::new(guard, layout, plan.base_path.clone()));
         }
         match setup(&*vm, &layout, &state.options.context).await {
@@ -1673,6 +1680,9 @@ impl WorkflowExecutor {
     /// A job leg that finished before the resumed one: reported as recorded, not run.
     fn restored_job(&self, state: &RunState<'_>, record: &JobRecord) -> JobReport {
         let from_run = state.resume.map(|p| p.from_run.clone()).unwrap_or_default();
+        if let Some(snapshots) = state.snapshots {
+            snapshots.update(|m| m.jobs.push(record.clone()));
+        }
         state.events.emit(EventKind::JobStarted {
             job: record.id.clone(),
             name: record.name.clone(),

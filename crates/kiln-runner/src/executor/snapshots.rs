@@ -537,7 +537,10 @@ impl StepSnapshots {
                     step + 1
                 );
             } else {
-                tracing::debug!("collected the snapshot after step {} of job {job}", step + 1);
+                tracing::debug!(
+                    "collected the snapshot after step {} of job {job}",
+                    step + 1
+                );
             }
         }
     }
@@ -564,6 +567,8 @@ impl StepSnapshots {
             .copied()
             .filter(|&i| manifest.snapshots[i].kind == SnapshotKind::AfterStep)
             .filter(|&i| !newest_of_leg(i))
+            // A snapshot of an earlier run that this one was resumed from is that run's.
+            .filter(|&i| manifest.snapshots[i].dir.starts_with(&self.dir))
             .collect();
         let after_step = live
             .iter()
@@ -606,6 +611,9 @@ pub struct ResumePlan {
     pub from_run: String,
     /// The last good snapshot.
     pub snapshot: VmSnapshot,
+    /// Its record (the resumed run records it as its own first snapshot, never collecting it:
+    /// it belongs to the earlier run).
+    pub record: SnapshotRecord,
     /// The job it belongs to.
     pub job: String,
     /// The last step it includes (index, from 0): the run goes on with the next one.
@@ -632,7 +640,7 @@ mod tests {
             step,
             name: format!("step {step}"),
             kind,
-            dir: PathBuf::from(format!("/x/{job}-{step}")),
+            dir: PathBuf::from(format!("/x/r1/snapshots/{job}-{step}")),
             size_bytes: size,
             duration_ms: 1,
             collected: false,
@@ -714,8 +722,12 @@ mod tests {
                 .map_err(|e| format!("{e:?}"))
                 .expect("valid workflow")
         };
-        let a = load("on: push\njobs:\n  b:\n    runs-on: x\n    steps:\n      - run: echo 1\n      - run: exit 1\n");
-        let b = load("# moved\non: push\njobs:\n  b:\n    runs-on: x\n    steps:\n      - run: echo 1\n      - run: exit 0\n");
+        let a = load(
+            "on: push\njobs:\n  b:\n    runs-on: x\n    steps:\n      - run: echo 1\n      - run: exit 1\n",
+        );
+        let b = load(
+            "# moved\non: push\njobs:\n  b:\n    runs-on: x\n    steps:\n      - run: echo 1\n      - run: exit 0\n",
+        );
         let (sa, sb) = (&a.jobs["b"].steps, &b.jobs["b"].steps);
         assert_eq!(fingerprint(&sa[0]), fingerprint(&sb[0]));
         assert_ne!(fingerprint(&sa[1]), fingerprint(&sb[1]));

@@ -67,6 +67,7 @@ async fn failed_snapshots_are_reported_and_never_change_the_result() {
             run_id: format!("r{}", uuid::Uuid::new_v4().simple()),
             isolation: Isolation::Workflow,
             spec: VmSpec::default(),
+            vm_types: None,
             context: RunContext::new(
                 "push",
                 Some(workspace.path().to_owned()),

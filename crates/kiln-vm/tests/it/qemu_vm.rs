@@ -646,18 +646,28 @@ async fn checkpoints_keep_the_vm_running_and_restore_each_moment_as_a_diff_chain
 
     // Disk (the work root) and memory (tmpfs) at three moments.
     let write = |n: &'static str| {
-        format!("echo disk-{n} > /home/runner/work/f && mkdir -p /dev/shm && echo mem-{n} > /dev/shm/m")
+        format!(
+            "echo disk-{n} > /home/runner/work/f && mkdir -p /dev/shm && echo mem-{n} > /dev/shm/m"
+        )
     };
     let read = "cat /home/runner/work/f /dev/shm/m | tr '\\n' ' '";
     sh(&*vm, &write("one")).await;
-    let one = vm.checkpoint(&saved.path().join("one")).await.expect("checkpoint 1");
+    let one = vm
+        .checkpoint(&saved.path().join("one"))
+        .await
+        .expect("checkpoint 1");
     assert_eq!(sh(&*vm, read).await, "disk-one mem-one", "the VM runs on");
     sh(&*vm, &write("two")).await;
-    let two = vm.checkpoint(&saved.path().join("two")).await.expect("checkpoint 2");
+    let two = vm
+        .checkpoint(&saved.path().join("two"))
+        .await
+        .expect("checkpoint 2");
     sh(&*vm, &write("three")).await;
     // Each checkpoint's disk is a diff: small, whatever the image's size.
     for snapshot in [&one, &two] {
-        let disk = std::fs::metadata(snapshot.dir.join("disk.qcow2")).unwrap().len();
+        let disk = std::fs::metadata(snapshot.dir.join("disk.qcow2"))
+            .unwrap()
+            .len();
         assert!(disk < 64 << 20, "{disk} bytes");
     }
     // A destination that exists is an error, and the VM goes on.
