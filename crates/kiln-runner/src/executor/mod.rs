@@ -26,8 +26,8 @@ mod git;
 mod hash;
 mod reusable;
 mod shell;
-mod vms;
 pub mod snapshots;
+mod vms;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
