@@ -15,6 +15,9 @@ use super::api::{self, FirecrackerApiError, Request};
 /// How long one call may take. Snapshot creation writes the whole guest memory, so it is long.
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Refused connections retried 10 ms apart (a socket that is bound but not listening yet).
+const CONNECT_RETRIES: u32 = 200;
+
 /// A client of one Firecracker process's API socket.
 #[derive(Debug, Clone)]
 pub struct ApiClient {
@@ -66,8 +69,26 @@ impl ApiClient {
         }
     }
 
+    /// Connects, retrying briefly while the socket is refused: Firecracker creates the socket
+    /// file (bind) a moment before it listens.
+    async fn connect(&self) -> std::io::Result<UnixStream> {
+        let mut attempts = 0;
+        loop {
+            match UnixStream::connect(&self.socket).await {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && attempts < CONNECT_RETRIES =>
+                {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     async fn exchange(&self, request: &Request) -> std::io::Result<(u16, Bytes)> {
-        let stream = UnixStream::connect(&self.socket).await?;
+        let stream = self.connect().await?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(std::io::Error::other)?;
