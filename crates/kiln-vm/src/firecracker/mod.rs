@@ -596,6 +596,13 @@ impl FirecrackerProvider {
                     op: format!("handing {} to the jailed user", jail.root.display()),
                     source,
                 })?;
+                // The jailer passes `--id` on to Firecracker itself.
+                let fc_args: Vec<String> = fc_args
+                    .chunks(2)
+                    .filter(|pair| pair[0] != "--id")
+                    .flatten()
+                    .cloned()
+                    .collect();
                 let args = jailer::args(config, jail, &self.binary, id, spec, &fc_args);
                 let binary = resolve_binary(&config.binary).unwrap_or(config.binary.clone());
                 Process::spawn(&binary, &args, dir, (dir, root), id)

@@ -480,7 +480,17 @@ async fn jailer_a_jailed_vm_runs_in_its_chroot_and_release_removes_the_jail() {
     assert!(uid.contains("65534"), "{uid}");
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     assert!(cgroup.contains(&format!("firecracker/{id}")), "{cgroup}");
+    // Snapshots work from inside the chroot too, and load into a new jail.
+    let snapshot = machine
+        .save(&jails.path().join("snapshot"))
+        .await
+        .expect("a jailed VM saves");
     machine.release().await.unwrap();
+    let restored = provider.load(&snapshot).await.expect("a jailed VM loads");
+    assert_eq!(restored.describe().await.unwrap().state, "Running");
+    let restored_id = restored.id().to_owned();
+    restored.release().await.unwrap();
+    assert!(!jails.path().join("firecracker").join(&restored_id).exists());
     assert!(!alive(pid));
     assert!(!jails.path().join("firecracker").join(&id).exists());
     for cgroup in ["firecracker", "memory/firecracker", "cpu/firecracker"] {
