@@ -1,9 +1,14 @@
 //! kiln's durable store: run records, the run queue, run events, webhook deliveries and the
 //! report outbox.
 //!
-//! [`RunStore`] is the interface the server uses; [`SqliteStore`] implements it on one SQLite
-//! file (WAL, `busy_timeout`, queue claims under `BEGIN IMMEDIATE`). A PostgreSQL store for
-//! several hosts implements the same trait with `FOR UPDATE SKIP LOCKED` claims.
+//! [`RunStore`] is the interface the server uses. Two implementations keep the same contract
+//! (one behaviour test suite runs against both):
+//! - [`SqliteStore`], the default: one SQLite file (WAL, `busy_timeout`, queue claims under
+//!   `BEGIN IMMEDIATE`);
+//! - [`PostgresStore`], for teams that run PostgreSQL: queue claims with
+//!   `FOR UPDATE SKIP LOCKED`, one running run per concurrency group enforced by a unique index.
+//!
+//! Each has its own migrations (`migrations/sqlite`, `migrations/postgres`), applied on open.
 //!
 //! ## A run's lifecycle
 //! ```text
@@ -21,10 +26,12 @@
 //! before is a replay and is ignored, and a recorded delivery survives a restart until its runs
 //! are enqueued (`pending_deliveries`, `finish_delivery`). Reports (commit statuses) are pushed
 //! to the outbox in the same process step that changes the run; they are retried with backoff
-//! until delivered, and items sharing a `key` are delivered in order.
+//! until delivered, and items sharing a `key` are delivered in order. What a forge answers that a
+//! later report needs (a check run's id) is kept with [`RunStore::put_report_ref`].
 
 #![warn(missing_docs)]
 
+mod postgres;
 mod sqlite;
 
 use std::fmt;
@@ -33,6 +40,7 @@ use std::str::FromStr;
 use async_trait::async_trait;
 use serde::Serialize;
 
+pub use postgres::{PostgresOwnerLock, PostgresStore};
 pub use sqlite::SqliteStore;
 
 /// Where a run is in its lifecycle.
@@ -330,4 +338,44 @@ pub trait RunStore: Send + Sync {
 
     /// Gauges for `/metrics`.
     async fn counts(&self) -> Result<StoreCounts, StoreError>;
+
+    /// Keeps what a forge answered to a report under `key` (a check run's id), replacing an
+    /// earlier value.
+    async fn put_report_ref(&self, key: &str, value: &str) -> Result<(), StoreError>;
+
+    /// The value kept under `key`, if any.
+    async fn report_ref(&self, key: &str) -> Result<Option<String>, StoreError>;
+}
+
+/// Now, in Unix milliseconds (how both stores keep times).
+fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}
+
+fn timestamp(ms: i64) -> Result<jiff::Timestamp, StoreError> {
+    jiff::Timestamp::from_millisecond(ms)
+        .map_err(|e| StoreError::Corrupt(format!("timestamp {ms}: {e}")))
+}
+
+fn json(text: &str, what: &str) -> Result<serde_json::Value, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+/// A new public run id: 12 hex digits.
+fn new_run_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+/// The payload and inputs of a run as stored (JSON text).
+fn run_json(run: &NewRun) -> Result<(String, String), StoreError> {
+    let payload = serde_json::to_string(&run.payload)
+        .map_err(|e| StoreError::Corrupt(format!("payload: {e}")))?;
+    let inputs = serde_json::to_string(&run.inputs)
+        .map_err(|e| StoreError::Corrupt(format!("inputs: {e}")))?;
+    Ok((payload, inputs))
+}
+
+/// A retry delay as milliseconds from now (saturating).
+fn due_in(after: std::time::Duration) -> i64 {
+    now_ms().saturating_add(i64::try_from(after.as_millis()).unwrap_or(i64::MAX))
 }

@@ -15,7 +15,7 @@ use sqlx::{Row, SqlitePool};
 
 use crate::{
     Delivery, NewRun, OutboxItem, RunFilter, RunRecord, RunResult, RunStatus, RunStore,
-    StoreCounts, StoreError, StoredEvent,
+    StoreCounts, StoreError, StoredEvent, due_in, json, new_run_id, now_ms, run_json, timestamp,
 };
 
 /// The SQLite store.
@@ -27,19 +27,6 @@ pub struct SqliteStore {
 const RUN_COLUMNS: &str = "seq, id, status, result, error, forge, repository, clone_url, sha, \
      git_ref, event, workflow_file, workflow_name, payload, inputs, delivery, concurrency_group, \
      cancel_in_progress, rerun_of, cancel_requested, created_at, started_at, finished_at";
-
-fn now_ms() -> i64 {
-    jiff::Timestamp::now().as_millisecond()
-}
-
-fn timestamp(ms: i64) -> Result<jiff::Timestamp, StoreError> {
-    jiff::Timestamp::from_millisecond(ms)
-        .map_err(|e| StoreError::Corrupt(format!("timestamp {ms}: {e}")))
-}
-
-fn json(text: &str, what: &str) -> Result<serde_json::Value, StoreError> {
-    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
-}
 
 fn run_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<RunRecord, StoreError> {
     let result: Option<String> = row.try_get("result")?;
@@ -141,11 +128,8 @@ impl SqliteStore {
 #[async_trait]
 impl RunStore for SqliteStore {
     async fn enqueue(&self, run: NewRun) -> Result<RunRecord, StoreError> {
-        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
-        let payload = serde_json::to_string(&run.payload)
-            .map_err(|e| StoreError::Corrupt(format!("payload: {e}")))?;
-        let inputs = serde_json::to_string(&run.inputs)
-            .map_err(|e| StoreError::Corrupt(format!("inputs: {e}")))?;
+        let id = new_run_id();
+        let (payload, inputs) = run_json(&run)?;
         sqlx::query(
             "INSERT INTO runs (id, status, forge, repository, clone_url, sha, git_ref, event, \
              workflow_file, workflow_name, payload, inputs, delivery, concurrency_group, \
@@ -456,10 +440,7 @@ impl RunStore for SqliteStore {
         retry_in: Option<Duration>,
     ) -> Result<(), StoreError> {
         let (status, next) = match retry_in {
-            Some(after) => (
-                "pending",
-                now_ms().saturating_add(i64::try_from(after.as_millis()).unwrap_or(i64::MAX)),
-            ),
+            Some(after) => ("pending", due_in(after)),
             None => ("dead", now_ms()),
         };
         sqlx::query(
@@ -519,5 +500,27 @@ impl RunStore for SqliteStore {
             outbox_pending: row.try_get("outbox_pending")?,
             deliveries_pending: row.try_get("deliveries_pending")?,
         })
+    }
+
+    async fn put_report_ref(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO report_refs (key, value, created_at) VALUES (?, ?, ?) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(value)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn report_ref(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT value FROM report_refs WHERE key = ?")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 }

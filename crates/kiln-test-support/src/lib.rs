@@ -1,7 +1,7 @@
 //! Shared fixtures of kiln's tests, like cloud-hypervisor's `test_infra`: the static guest
 //! agent and the default guest image, built once per machine and cached (an unchanged recipe
 //! is not rebuilt; the image builder's lock file serializes concurrent test binaries), and a
-//! polling helper.
+//! polling helper; [`postgres`] starts a private PostgreSQL cluster for store tests.
 //!
 //! Environment:
 //! - `KILN_SKIP_VM_TESTS=1` skips the tests that need QEMU and an image. Without it they fail
@@ -9,8 +9,12 @@
 //! - `KILN_TEST_DATA_DIR` overrides where the image is cached (default:
 //!   `<target>/kiln-test-data`; CI points it at a machine-wide cache).
 //! - `KILN_AGENT_BIN` uses a prebuilt agent instead of building `kiln-agent` statically.
+//! - `KILN_TEST_PG_BIN` names the directory of PostgreSQL's server binaries (default: Debian's
+//!   `/usr/lib/postgresql/<version>/bin`, then `PATH`).
 
 #![warn(missing_docs)]
+
+pub mod postgres;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,10 +1,12 @@
-//! kiln-store against a real SQLite file.
+//! kiln-store's behaviour, one suite run against both stores: a real SQLite file and a real
+//! PostgreSQL server (a private throwaway cluster, see `kiln_test_support::postgres`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_store::{
-    Delivery, NewRun, RunFilter, RunResult, RunStatus, RunStore, SqliteStore, StoreError,
+    Delivery, NewRun, PostgresStore, RunFilter, RunResult, RunStatus, RunStore, SqliteStore,
+    StoreError,
 };
 
 fn new_run(workflow: &str, group: Option<&str>) -> NewRun {
@@ -26,16 +28,95 @@ fn new_run(workflow: &str, group: Option<&str>) -> NewRun {
     }
 }
 
-async fn open(dir: &tempfile::TempDir) -> SqliteStore {
-    SqliteStore::open(&dir.path().join("kiln.db"))
-        .await
-        .expect("open store")
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
 }
 
-#[tokio::test]
-async fn queue_claims_in_order_and_finishes() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(&dir).await;
+/// One test's empty database. [`Db::open`] opens a new store on it: a second process, or the
+/// same one after a restart.
+struct Db {
+    backend: Backend,
+    dir: tempfile::TempDir,
+    postgres_url: Option<String>,
+}
+
+impl Db {
+    fn new(backend: Backend) -> Db {
+        let postgres_url = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => {
+                let cluster = kiln_test_support::postgres::cluster();
+                Some(cluster.url(&cluster.create_database()))
+            }
+        };
+        Db {
+            backend,
+            dir: tempfile::tempdir().expect("tempdir"),
+            postgres_url,
+        }
+    }
+
+    async fn open(&self) -> Arc<dyn RunStore> {
+        match (self.backend, &self.postgres_url) {
+            (Backend::Postgres, Some(url)) => {
+                let password = kiln_test_support::postgres::cluster().password();
+                Arc::new(
+                    PostgresStore::connect(url, Some(password))
+                        .await
+                        .expect("connect to PostgreSQL"),
+                )
+            }
+            _ => Arc::new(
+                SqliteStore::open(&self.dir.path().join("kiln.db"))
+                    .await
+                    .expect("open store"),
+            ),
+        }
+    }
+}
+
+/// Each behaviour test, once per backend: `sqlite::NAME` and `postgres::NAME`.
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    queue_claims_in_order_and_finishes,
+    concurrent_claimers_never_share_a_run,
+    a_concurrency_group_runs_one_at_a_time,
+    concurrent_claimers_start_one_run_per_group,
+    cancel_finishes_queued_and_flags_running,
+    list_filters_and_pages_newest_first,
+    events_are_stored_in_order_and_read_after_a_cursor,
+    deliveries_are_deduplicated_across_reopen,
+    outbox_keeps_order_per_key_and_retries,
+    report_refs_are_kept_and_replaced,
+    recovery_marks_running_runs_interrupted_and_keeps_the_queue,
+    recovery_can_requeue,
+);
+
+async fn queue_claims_in_order_and_finishes(backend: Backend) {
+    let db = Db::new(backend);
+    let store = db.open().await;
     let first = store.enqueue(new_run("ci", None)).await.expect("enqueue");
     let second = store.enqueue(new_run("lint", None)).await.expect("enqueue");
     assert_eq!(first.status, RunStatus::Queued);
@@ -64,10 +145,9 @@ async fn queue_claims_in_order_and_finishes() {
     );
 }
 
-#[tokio::test]
-async fn concurrent_claimers_never_share_a_run() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Arc::new(open(&dir).await);
+async fn concurrent_claimers_never_share_a_run(backend: Backend) {
+    let db = Db::new(backend);
+    let store = db.open().await;
     for i in 0..20 {
         store
             .enqueue(new_run(&format!("w{i}"), None))
@@ -75,7 +155,7 @@ async fn concurrent_claimers_never_share_a_run() {
             .expect("enqueue");
     }
     // Two stores on one file, as two processes would have, plus tasks on each.
-    let other: Arc<dyn RunStore> = Arc::new(open(&dir).await);
+    let other = db.open().await;
     let mut tasks = Vec::new();
     for i in 0..6 {
         let store: Arc<dyn RunStore> = if i % 2 == 0 {
@@ -102,10 +182,9 @@ async fn concurrent_claimers_never_share_a_run() {
     assert_eq!(all.len(), 20, "no run claimed twice");
 }
 
-#[tokio::test]
-async fn a_concurrency_group_runs_one_at_a_time() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(&dir).await;
+async fn a_concurrency_group_runs_one_at_a_time(backend: Backend) {
+    let db = Db::new(backend);
+    let store = db.open().await;
     let a = store
         .enqueue(new_run("a", Some("g")))
         .await
@@ -140,10 +219,81 @@ async fn a_concurrency_group_runs_one_at_a_time() {
     );
 }
 
-#[tokio::test]
-async fn cancel_finishes_queued_and_flags_running() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(&dir).await;
+async fn concurrent_claimers_start_one_run_per_group(backend: Backend) {
+    let db = Db::new(backend);
+    let store = db.open().await;
+    let groups = ["g0", "g1", "g2"];
+    for i in 0..12 {
+        store
+            .enqueue(new_run(&format!("w{i}"), Some(groups[i % 3])))
+            .await
+            .expect("enqueue");
+    }
+    let other = db.open().await;
+    let running = Arc::new(std::sync::Mutex::new(std::collections::HashSet::<String>::new()));
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let store: Arc<dyn RunStore> = if i % 2 == 0 {
+            store.clone()
+        } else {
+            other.clone()
+        };
+        let (running, done) = (running.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            while done.load(std::sync::atomic::Ordering::SeqCst) < 12 {
+                let Some(run) = store.claim_next().await.expect("claim") else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                };
+                let group = run.spec.concurrency_group.clone().expect("a group");
+                assert!(
+                    running.lock().expect("lock").insert(group.clone()),
+                    "two runs of {group} claimed at once"
+                );
+                let in_store = store
+                    .group_runs(&group, RunStatus::Running)
+                    .await
+                    .expect("group");
+                assert_eq!(in_store.len(), 1, "running in {group}: {in_store:?}");
+                tokio::task::yield_now().await;
+                running.lock().expect("lock").remove(&group);
+                store
+                    .finish(&run.id, RunResult::Success, None)
+                    .await
+                    .expect("finish");
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                got.push(run.seq);
+            }
+            got
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("task"));
+    }
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), 12, "every run claimed exactly once");
+    // Within a group, runs started in queue order.
+    for group in groups {
+        let runs = store
+            .group_runs(group, RunStatus::Finished)
+            .await
+            .expect("group");
+        let mut starts: Vec<_> = runs.iter().map(|r| (r.started_at, r.seq)).collect();
+        starts.sort();
+        let seqs: Vec<i64> = starts.iter().map(|(_, seq)| *seq).collect();
+        let mut sorted = seqs.clone();
+        sorted.sort_unstable();
+        assert_eq!(seqs, sorted, "{group} ran out of order");
+    }
+}
+
+async fn cancel_finishes_queued_and_flags_running(backend: Backend) {
+    let db = Db::new(backend);
+    let store = db.open().await;
     let running = store.enqueue(new_run("a", None)).await.expect("enqueue");
     let queued = store.enqueue(new_run("b", None)).await.expect("enqueue");
     store.claim_next().await.expect("claim");
@@ -165,10 +315,9 @@ async fn cancel_finishes_queued_and_flags_running() {
     ));
 }
 
-#[tokio::test]
-async fn list_filters_and_pages_newest_first() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(&dir).await;
+async fn list_filters_and_pages_newest_first(backend: Backend) {
+    let db = Db::new(backend);
+    let store = db.open().await;
     let mut ids = Vec::new();
     for i in 0..5 {
         let mut run = new_run(&format!("w{i}"), None);
@@ -220,10 +369,9 @@ async fn list_filters_and_pages_newest_first() {
     assert!(none.is_empty());
 }
 
-#[tokio::test]
-async fn events_are_stored_in_order_and_read_after_a_cursor() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(&dir).await;
+async fn events_are_stored_in_order_and_read_after_a_cursor(backend: Backend) {
+    let db = Db::new(backend);
+    let store = db.open().await;
     let run = store.enqueue(new_run("a", None)).await.expect("enqueue");
     let bodies: Vec<String> = (0..5).map(|i| format!("{{\"n\":{i}}}")).collect();
     store
@@ -246,9 +394,8 @@ async fn events_are_stored_in_order_and_read_after_a_cursor() {
     );
 }
 
-#[tokio::test]
-async fn deliveries_are_deduplicated_across_reopen() {
-    let dir = tempfile::tempdir().expect("tempdir");
+async fn deliveries_are_deduplicated_across_reopen(backend: Backend) {
+    let db = Db::new(backend);
     let delivery = Delivery {
         source: "github".into(),
         id: "72d3162e-cc78-11e3-81ab-4c9367dc0958".into(),
@@ -256,11 +403,11 @@ async fn deliveries_are_deduplicated_across_reopen() {
         payload: "{}".into(),
     };
     {
-        let store = open(&dir).await;
+        let store = db.open().await;
         assert!(store.record_delivery(&delivery).await.expect("record"));
         assert!(!store.record_delivery(&delivery).await.expect("record"));
     }
-    let store = open(&dir).await;
+    let store = db.open().await;
     assert!(
         !store.record_delivery(&delivery).await.expect("record"),
         "replay after restart"
@@ -285,10 +432,9 @@ async fn deliveries_are_deduplicated_across_reopen() {
     assert_eq!(store.pending_deliveries().await.expect("pending"), [gitea]);
 }
 
-#[tokio::test]
-async fn outbox_keeps_order_per_key_and_retries() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(&dir).await;
+async fn outbox_keeps_order_per_key_and_retries(backend: Backend) {
+    let db = Db::new(backend);
+    let store = db.open().await;
     let p = store
         .push_outbox("k1", "github_status", "pending")
         .await
@@ -324,18 +470,33 @@ async fn outbox_keeps_order_per_key_and_retries() {
     assert_eq!(store.counts().await.expect("counts").outbox_pending, 0);
 }
 
-#[tokio::test]
-async fn recovery_marks_running_runs_interrupted_and_keeps_the_queue() {
-    let dir = tempfile::tempdir().expect("tempdir");
+async fn report_refs_are_kept_and_replaced(backend: Backend) {
+    let db = Db::new(backend);
+    {
+        let store = db.open().await;
+        assert_eq!(store.report_ref("k").await.expect("get"), None);
+        store.put_report_ref("k", "1").await.expect("put");
+        store.put_report_ref("k", "2").await.expect("put");
+        store.put_report_ref("other", "3").await.expect("put");
+    }
+    let store = db.open().await;
+    assert_eq!(
+        store.report_ref("k").await.expect("get").as_deref(),
+        Some("2")
+    );
+}
+
+async fn recovery_marks_running_runs_interrupted_and_keeps_the_queue(backend: Backend) {
+    let db = Db::new(backend);
     let (running, queued) = {
-        let store = open(&dir).await;
+        let store = db.open().await;
         let a = store.enqueue(new_run("a", None)).await.expect("enqueue");
         let b = store.enqueue(new_run("b", None)).await.expect("enqueue");
         store.claim_next().await.expect("claim");
         (a, b)
     };
     // "Restart": a new store on the same file.
-    let store = open(&dir).await;
+    let store = db.open().await;
     let recovered = store.recover(false).await.expect("recover");
     assert_eq!(recovered.len(), 1);
     assert_eq!(recovered[0].id, running.id);
@@ -349,10 +510,9 @@ async fn recovery_marks_running_runs_interrupted_and_keeps_the_queue() {
     );
 }
 
-#[tokio::test]
-async fn recovery_can_requeue() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(&dir).await;
+async fn recovery_can_requeue(backend: Backend) {
+    let db = Db::new(backend);
+    let store = db.open().await;
     let a = store.enqueue(new_run("a", None)).await.expect("enqueue");
     store.claim_next().await.expect("claim");
     let recovered = store.recover(true).await.expect("recover");
@@ -360,5 +520,43 @@ async fn recovery_can_requeue() {
     assert_eq!(
         store.claim_next().await.expect("claim").map(|r| r.id),
         Some(a.id)
+    );
+}
+
+/// PostgreSQL only: one `kiln serve` per database (the SQLite lock file's counterpart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_owner_lock_is_exclusive_until_released() {
+    let db = Db::new(Backend::Postgres);
+    let cluster = kiln_test_support::postgres::cluster();
+    let url = db.postgres_url.clone().expect("a PostgreSQL database");
+    let first = PostgresStore::connect(&url, Some(cluster.password()))
+        .await
+        .expect("connect");
+    let second = PostgresStore::connect(&url, Some(cluster.password()))
+        .await
+        .expect("connect");
+    let lock = first.lock_owner().await.expect("lock").expect("free");
+    assert!(second.lock_owner().await.expect("lock").is_none());
+    drop(lock);
+    // The session closes in the background; the lock is free once it has.
+    let mut freed = None;
+    for _ in 0..100 {
+        freed = second.lock_owner().await.expect("lock");
+        if freed.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(freed.is_some(), "the lock was released");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_refuses_a_wrong_password() {
+    let db = Db::new(Backend::Postgres);
+    let url = db.postgres_url.clone().expect("a PostgreSQL database");
+    let refused = PostgresStore::connect(&url, Some("wrong")).await;
+    assert!(
+        matches!(refused, Err(StoreError::Database(_))),
+        "{refused:?}"
     );
 }
