@@ -115,6 +115,14 @@ pub enum EventKind {
         result: Conclusion,
         /// Evaluated `outputs:`.
         outputs: IndexMap<String, String>,
+        /// What the job's steps wrote to `GITHUB_STEP_SUMMARY` (secrets masked); omitted from
+        /// the JSON when empty.
+        #[serde(skip_serializing_if = "String::is_empty")]
+        summary: String,
+        /// The job's `::error`/`::warning`/`::notice` annotations, in order; omitted from the
+        /// JSON when there are none.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        annotations: Vec<crate::executor::Annotation>,
     },
     /// A step started.
     StepStarted {

@@ -10,6 +10,8 @@
 //! claim_next ─ checkout ─ WorkflowExecutor::execute ─ RunEvents → store (+ SSE, metrics)
 //!        └─ finish ─ outbox: `success|failure|error` ─ reporter (retry with backoff) ─ forge API
 //! ```
+//! With a GitHub App configured, GitHub runs get check runs per job instead of commit statuses
+//! ([`checks`], authenticated by [`github_app`]).
 //! Everything a restart must not lose goes through the store before it is acknowledged:
 //! deliveries before the 202, runs before their `pending` status, reports before they are sent.
 //! At start, runs a dead process left `running` are finished as `interrupted` (or re-queued) and
@@ -17,13 +19,16 @@
 //!
 //! Modules: [`signature`] (HMAC), [`webhook`] (payloads to [`webhook::Trigger`]s), [`git`]
 //! (fetching commits), [`intake`] (triggers to runs), [`worker`] (executing runs),
-//! [`report`] (commit statuses through the outbox), [`api`] (REST), [`ui`] (HTML pages),
+//! [`report`] (the outbox's reporter; commit statuses), [`checks`] (check runs),
+//! [`github_app`] (App JWT and installation tokens), [`api`] (REST), [`ui`] (HTML pages),
 //! [`metrics`].
 
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod checks;
 pub mod git;
+pub mod github_app;
 pub mod intake;
 pub mod metrics;
 pub mod report;
@@ -60,6 +65,11 @@ pub struct Secrets {
     pub gitea_token: Option<String>,
     /// `KILN_API_TOKEN`: the bearer token for the API, the UI and `/metrics`.
     pub api_token: Option<String>,
+    /// `KILN_GITHUB_APP_ID` (or `[server] github_app_id`): with the private key, GitHub runs
+    /// get check runs instead of commit statuses.
+    pub github_app_id: Option<String>,
+    /// `KILN_GITHUB_APP_PRIVATE_KEY`: the App's PEM private key.
+    pub github_app_private_key: Option<String>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -71,6 +81,8 @@ impl std::fmt::Debug for Secrets {
             .field("github_token", &set(&self.github_token))
             .field("gitea_token", &set(&self.gitea_token))
             .field("api_token", &set(&self.api_token))
+            .field("github_app_id", &self.github_app_id)
+            .field("github_app_private_key", &set(&self.github_app_private_key))
             .finish()
     }
 }
@@ -139,6 +151,12 @@ pub enum ServerError {
     /// The store failed.
     #[error("Store error")]
     Store(#[from] kiln_store::StoreError),
+    /// The GitHub App is misconfigured.
+    #[error("GitHub App")]
+    GitHubApp(#[from] github_app::GitHubAppError),
+    /// Only half of a GitHub App is configured.
+    #[error("{0}")]
+    Config(String),
     /// Binding or serving failed.
     #[error("Cannot serve on {addr}")]
     Io {
@@ -167,6 +185,8 @@ pub(crate) struct Shared {
     /// Cancelled when the server stops taking work.
     pub(crate) stopping: CancellationToken,
     pub(crate) http: reqwest::Client,
+    /// The GitHub App, when configured: check runs instead of GitHub commit statuses.
+    pub(crate) github_app: Option<github_app::GitHubApp>,
 }
 
 /// A started server: background tasks running, router ready to serve.
@@ -194,7 +214,33 @@ impl Server {
             config.clone_url_rewrite.clone(),
             token,
         );
+        let github_app = match (
+            &config.secrets.github_app_id,
+            &config.secrets.github_app_private_key,
+        ) {
+            (Some(id), Some(key)) => Some(github_app::GitHubApp::new(id, key)?),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ServerError::Config(
+                    "A GitHub App id is set but KILN_GITHUB_APP_PRIVATE_KEY is not".to_owned(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ServerError::Config(
+                    "KILN_GITHUB_APP_PRIVATE_KEY is set but no GitHub App id \
+                     (KILN_GITHUB_APP_ID or [server] github_app_id)"
+                        .to_owned(),
+                ));
+            }
+        };
+        if let Some(app) = &github_app {
+            info!(
+                "GitHub App {}: GitHub runs get check runs per job",
+                app.app_id()
+            );
+        }
         let shared = Arc::new(Shared {
+            github_app,
             metrics: metrics::Metrics::new(),
             git,
             store,
@@ -228,6 +274,9 @@ impl Server {
             );
             if run.status == kiln_store::RunStatus::Finished {
                 report::queue_status(&shared, run).await;
+            }
+            if checks::enabled(&shared, run) {
+                checks::interrupted(&shared, run).await;
             }
         }
         let mut tasks = JoinSet::new();

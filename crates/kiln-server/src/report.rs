@@ -1,4 +1,5 @@
-//! Commit statuses, delivered through the store's outbox.
+//! Commit statuses, and the reporter task that delivers everything in the store's outbox
+//! (statuses, and the check runs of [`crate::checks`]).
 //!
 //! Each state change of a run that came from a forge puts one status in the outbox: `pending`
 //! when it is queued (and again when it starts), then `success`, `failure` or `error` when it
@@ -8,7 +9,8 @@
 //!
 //! The reporter task sends due items: GitHub `POST {github_api_url}/repos/{repo}/statuses/{sha}`
 //! with `Authorization: Bearer <KILN_GITHUB_TOKEN>`; Gitea the same path under its API base with
-//! `Authorization: token <KILN_GITEA_TOKEN>`. A failure (network, 5xx, 429, 4xx) is retried
+//! `Authorization: token <KILN_GITEA_TOKEN>`. GitHub runs get no statuses when a GitHub App is
+//! configured: they get check runs instead. A failure (network, 5xx, 429, 4xx) is retried
 //! after 1 s, 2 s, 4 s ... capped at 10 minutes, and given up after [`MAX_ATTEMPTS`]. Tokens are
 //! read at send time, never stored in the outbox.
 
@@ -82,6 +84,9 @@ pub(crate) async fn queue_status(shared: &Shared, run: &RunRecord) {
     let Some(forge) = Forge::parse(&run.spec.forge) else {
         return;
     };
+    if crate::checks::enabled(shared, run) {
+        return;
+    }
     let token = match forge {
         Forge::GitHub => &shared.config.secrets.github_token,
         Forge::Gitea => &shared.config.secrets.gitea_token,
@@ -138,16 +143,10 @@ pub(crate) async fn run_reporter(shared: Arc<Shared>) {
         match shared.store.due_outbox(32).await {
             Ok(items) => {
                 for item in items {
-                    let outcome = match serde_json::from_str::<StatusReport>(&item.body) {
-                        Ok(report) => send(&shared, &report).await.map(|()| report),
-                        Err(e) => Err(format!("Unreadable report: {e}")),
-                    };
+                    let outcome = deliver(&shared, &item.kind, &item.body).await;
                     let stored = match outcome {
-                        Ok(report) => {
-                            info!(
-                                "Status {} for {}@{} ({}) delivered",
-                                report.state, report.repository, report.sha, report.context
-                            );
+                        Ok(what) => {
+                            info!("Report {} delivered: {what}", item.id);
                             shared.metrics.report("delivered");
                             shared.store.outbox_delivered(item.id).await
                         }
@@ -176,6 +175,31 @@ pub(crate) async fn run_reporter(shared: Arc<Shared>) {
             () = shared.wake_outbox.notified() => {}
             () = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
+    }
+}
+
+/// Sends one outbox item; `Ok` says what was delivered, `Err` why not.
+async fn deliver(shared: &Shared, kind: &str, body: &str) -> Result<String, String> {
+    match kind {
+        "status" => {
+            let report = serde_json::from_str::<StatusReport>(body)
+                .map_err(|e| format!("Unreadable report: {e}"))?;
+            send(shared, &report).await?;
+            Ok(format!(
+                "status {} for {}@{} ({})",
+                report.state, report.repository, report.sha, report.context
+            ))
+        }
+        "github_check_run" => {
+            let report = serde_json::from_str::<crate::checks::CheckRunReport>(body)
+                .map_err(|e| format!("Unreadable report: {e}"))?;
+            crate::checks::send(shared, &report).await?;
+            Ok(format!(
+                "check run {:?} of {} for {}@{}",
+                report.action, report.name, report.repository, report.head_sha
+            ))
+        }
+        other => Err(format!("Unknown report kind `{other}`")),
     }
 }
 

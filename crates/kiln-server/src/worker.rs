@@ -4,7 +4,8 @@
 //! run (the store's order and concurrency rules), check out its commit, load its workflow from
 //! that commit, and execute it with the runner. The run's events go through one channel into
 //! the store in batches as they happen (SSE readers are woken after each batch) and into the
-//! metrics. The run is finished in the store and its final status queued for the forge.
+//! metrics, and job starts and ends become check runs when a GitHub App is configured. The run
+//! is finished in the store and its final status queued for the forge.
 //!
 //! A run is cancelled through its [`CancellationToken`] (the API's cancel, `cancel-in-progress`,
 //! the end of the shutdown grace period); the executor then stops the running step, runs the
@@ -73,7 +74,7 @@ impl Drop for LiveGuard<'_> {
     }
 }
 
-async fn execute(shared: &Shared, run: RunRecord) {
+async fn execute(shared: &Arc<Shared>, run: RunRecord) {
     let cancel = CancellationToken::new();
     shared
         .live
@@ -94,10 +95,7 @@ async fn execute(shared: &Shared, run: RunRecord) {
     let (tx, rx) = mpsc::unbounded_channel::<RunEvent>();
     let sink = EventSink::new(run.id.clone(), tx);
     let pump = tokio::spawn(pump_events(
-        shared.store.clone(),
-        shared.events_tick.clone(),
-        shared.metrics.clone(),
-        run.id.clone(),
+        crate::checks::JobWatcher::new(shared.clone(), run.clone()),
         rx,
     ));
     let (result, error) = match prepare_and_run(shared, &run, &sink, &cancel).await {
@@ -128,9 +126,13 @@ async fn execute(shared: &Shared, run: RunRecord) {
         }
     };
     drop(sink);
-    if pump.await.is_err() {
-        warn!("Run {}: the event writer stopped early", run.id);
-    }
+    let jobs_started = match pump.await {
+        Ok(started) => started,
+        Err(_) => {
+            warn!("Run {}: the event writer stopped early", run.id);
+            0
+        }
+    };
     let error = error.or_else(|| {
         (result == RunResult::Cancelled && shared.stopping.is_cancelled())
             .then(|| "cancelled by shutdown".to_owned())
@@ -140,6 +142,12 @@ async fn execute(shared: &Shared, run: RunRecord) {
             info!("Run {} finished: {result}", run.id);
             shared.metrics.run_finished(result, &done);
             crate::report::queue_status(shared, &done).await;
+            if jobs_started == 0
+                && result != RunResult::Success
+                && crate::checks::enabled(shared, &done)
+            {
+                crate::checks::run_failed_early(shared, &done).await;
+            }
         }
         Err(e) => error!(
             "Run {}: cannot record the result: {}",
@@ -218,19 +226,31 @@ async fn prepare_and_run(
     Ok(report.result)
 }
 
-/// Writes a run's events to the store in batches, in order, and counts them.
+/// Writes a run's events to the store in batches, in order, counts them, and hands job starts
+/// and ends to the check-run watcher. Returns how many jobs started.
 async fn pump_events(
-    store: Arc<dyn kiln_store::RunStore>,
-    tick: tokio::sync::watch::Sender<u64>,
-    metrics: crate::metrics::Metrics,
-    run: String,
+    mut watcher: crate::checks::JobWatcher,
     mut rx: mpsc::UnboundedReceiver<RunEvent>,
-) {
+) -> usize {
+    let shared = watcher.shared();
+    let (store, tick, metrics, run) = (
+        &shared.store,
+        &shared.events_tick,
+        &shared.metrics,
+        watcher.run_id().to_owned(),
+    );
     let mut batch: Vec<RunEvent> = Vec::new();
     while rx.recv_many(&mut batch, 256).await > 0 {
         let mut bodies = Vec::with_capacity(batch.len());
+        let mut jobs = Vec::new();
         for event in batch.drain(..) {
             metrics.event(&event);
+            if matches!(
+                event.kind,
+                EventKind::JobStarted { .. } | EventKind::JobFinished { .. }
+            ) {
+                jobs.push(event.kind.clone());
+            }
             match serde_json::to_string(&event) {
                 Ok(body) => bodies.push(body),
                 Err(e) => warn!("Run {run}: unserializable event: {e}"),
@@ -251,5 +271,10 @@ async fn pump_events(
             tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
         }
         tick.send_modify(|n| *n += 1);
+        // After the batch is stored, so a check run's page already shows the job.
+        for kind in &jobs {
+            watcher.event(kind).await;
+        }
     }
+    watcher.started
 }

@@ -188,19 +188,23 @@ fn unescape_property(s: &str) -> String {
 }
 
 /// An `::error`, `::warning` or `::notice` annotation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Annotation {
     /// `error`, `warning` or `notice`.
     pub level: String,
     /// The message (secrets masked).
     pub message: String,
     /// `file=`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,
     /// `line=`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub line: Option<u32>,
     /// `col=`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub col: Option<u32>,
     /// `title=`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub title: Option<String>,
     /// The step index it came from.
     pub step: usize,

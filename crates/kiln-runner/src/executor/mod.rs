@@ -882,6 +882,8 @@ impl WorkflowExecutor {
             name: name.clone(),
             result: Conclusion::Cancelled,
             outputs: IndexMap::new(),
+            summary: String::new(),
+            annotations: Vec::new(),
         });
         JobReport {
             id: job_id.to_owned(),
@@ -913,6 +915,8 @@ impl WorkflowExecutor {
             name: name.clone(),
             result: Conclusion::Skipped,
             outputs: IndexMap::new(),
+            summary: String::new(),
+            annotations: Vec::new(),
         });
         JobReport {
             id: job_id.to_owned(),
@@ -947,6 +951,8 @@ impl WorkflowExecutor {
             name: name.clone(),
             result: Conclusion::Failure,
             outputs: IndexMap::new(),
+            summary: String::new(),
+            annotations: Vec::new(),
         });
         JobReport {
             id: job_id.to_owned(),
@@ -1120,6 +1126,8 @@ impl WorkflowExecutor {
             name: name.clone(),
             result,
             outputs: outputs.clone(),
+            summary: leg_state.summary.clone(),
+            annotations: leg_state.annotations.clone(),
         });
         if let Some(snapshots) = state.snapshots {
             snapshots.update(|m| {

@@ -177,6 +177,8 @@ impl WorkflowExecutor {
             name: name.clone(),
             result,
             outputs: outputs.clone(),
+            summary: String::new(),
+            annotations: Vec::new(),
         });
         reports.push(JobReport {
             id: job_id.to_owned(),

@@ -2,6 +2,7 @@
 
 mod api;
 mod browser;
+mod checks;
 mod e2e;
 mod support;
 mod vm;

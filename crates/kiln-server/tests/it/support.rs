@@ -195,6 +195,8 @@ pub struct Options {
     pub github_api_url: Option<String>,
     pub gitea_api_url: Option<String>,
     pub requeue: bool,
+    /// A GitHub App (id, PEM private key): check runs instead of statuses.
+    pub github_app: Option<(String, String)>,
 }
 
 impl Default for Options {
@@ -206,6 +208,7 @@ impl Default for Options {
             github_api_url: None,
             gitea_api_url: None,
             requeue: false,
+            github_app: None,
         }
     }
 }
@@ -242,6 +245,8 @@ impl Harness {
             github_token: Some(GITHUB_TOKEN.into()),
             gitea_token: Some(GITEA_TOKEN.into()),
             api_token: Some(API_TOKEN.into()),
+            github_app_id: options.github_app.as_ref().map(|(id, _)| id.clone()),
+            github_app_private_key: options.github_app.map(|(_, key)| key),
         };
         let runtime = tempfile::tempdir().expect("tempdir");
         let provider = options.provider.unwrap_or_else(|| {

@@ -1,0 +1,426 @@
+//! GitHub App check runs end to end: a signed push with an App installation becomes a run, and a
+//! stand-in for the GitHub API that verifies the App's JWT with its public key hands out an
+//! installation token and records the exact check-run calls in order.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_lc_rs::signature::{RSA_PKCS1_2048_8192_SHA256, UnparsedPublicKey};
+use axum::Json;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{patch, post};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde_json::{Value, json};
+
+use crate::support::{CLONE_URL, Harness, Options, Repo, wait_for};
+
+const APP_ID: &str = "4242";
+const INSTALLATION: u64 = 77;
+
+/// Two jobs: `build` writes a step summary, 62 annotations (more than GitHub takes in one
+/// request) and fails; `lint` succeeds.
+const CHECKS_WORKFLOW: &str = r###"name: Checks
+on: push
+jobs:
+  build:
+    name: Build
+    runs-on: ubuntu-latest
+    steps:
+      - name: Summarize
+        run: |
+          echo "## Build report" >> "$GITHUB_STEP_SUMMARY"
+          echo "All **62** findings below." >> "$GITHUB_STEP_SUMMARY"
+      - name: Find problems
+        run: |
+          echo "::error file=src/main.rs,line=3,col=7,title=Bad call::this call is wrong"
+          echo "::warning::be careful"
+          for i in $(seq 1 60); do echo "::notice file=src/lib.rs,line=$i::note $i"; done
+          exit 1
+  lint:
+    runs-on: ubuntu-latest
+    steps:
+      - run: echo lint ok
+"###;
+
+fn key_files() -> (String, Vec<u8>) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    (
+        std::fs::read_to_string(dir.join("github-app-test-key.pem")).expect("key"),
+        std::fs::read(dir.join("github-app-test-key.pub.der")).expect("public key"),
+    )
+}
+
+/// One recorded check-run call.
+#[derive(Debug, Clone)]
+struct CheckCall {
+    method: &'static str,
+    path: String,
+    body: Value,
+}
+
+/// A stand-in for GitHub's App and check-run endpoints.
+#[derive(Clone)]
+struct FakeGitHubApp {
+    public_key: Arc<Vec<u8>>,
+    tokens_issued: Arc<AtomicU64>,
+    token_installations: Arc<Mutex<Vec<u64>>>,
+    calls: Arc<Mutex<Vec<CheckCall>>>,
+    /// Check run id -> name.
+    check_runs: Arc<Mutex<HashMap<u64, String>>>,
+    refused: Arc<AtomicU64>,
+    down: Arc<AtomicBool>,
+}
+
+/// Verifies an App JWT: RS256 signature by the App's key, `iss` the App id, not expired.
+fn verify_jwt(jwt: &str, public_key: &[u8]) -> Result<(), String> {
+    let (input, signature) = jwt.rsplit_once('.').ok_or("not a JWT")?;
+    let signature = URL_SAFE_NO_PAD
+        .decode(signature)
+        .map_err(|e| e.to_string())?;
+    UnparsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, public_key)
+        .verify(input.as_bytes(), &signature)
+        .map_err(|_| "bad signature")?;
+    let (header, claims) = input.split_once('.').ok_or("not a JWT")?;
+    let decode = |part: &str| -> Result<Value, String> {
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())
+    };
+    let (header, claims) = (decode(header)?, decode(claims)?);
+    if header["alg"] != "RS256" {
+        return Err(format!("alg {}", header["alg"]));
+    }
+    if claims["iss"] != APP_ID {
+        return Err(format!("iss {}", claims["iss"]));
+    }
+    let now = jiff::Timestamp::now().as_second();
+    let (iat, exp) = (
+        claims["iat"].as_i64().unwrap_or(i64::MAX),
+        claims["exp"].as_i64().unwrap_or(0),
+    );
+    if !(iat <= now && now < exp && exp - iat <= 600) {
+        return Err(format!("iat {iat} exp {exp} now {now}"));
+    }
+    Ok(())
+}
+
+fn bearer(headers: &HeaderMap) -> String {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+impl FakeGitHubApp {
+    async fn start(public_key: Vec<u8>) -> (FakeGitHubApp, String) {
+        let fake = FakeGitHubApp {
+            public_key: Arc::new(public_key),
+            tokens_issued: Arc::default(),
+            token_installations: Arc::default(),
+            calls: Arc::default(),
+            check_runs: Arc::default(),
+            refused: Arc::default(),
+            down: Arc::default(),
+        };
+        async fn access_token(
+            State(fake): State<FakeGitHubApp>,
+            UrlPath(installation): UrlPath<u64>,
+            headers: HeaderMap,
+        ) -> (StatusCode, Json<Value>) {
+            if fake.down.load(Ordering::SeqCst) {
+                fake.refused.fetch_add(1, Ordering::SeqCst);
+                return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({})));
+            }
+            if let Err(e) = verify_jwt(&bearer(&headers), &fake.public_key) {
+                return (StatusCode::UNAUTHORIZED, Json(json!({"message": e})));
+            }
+            let n = fake.tokens_issued.fetch_add(1, Ordering::SeqCst) + 1;
+            fake.token_installations
+                .lock()
+                .expect("lock")
+                .push(installation);
+            let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1);
+            (
+                StatusCode::CREATED,
+                Json(json!({"token": format!("ghs_installation_{n}"), "expires_at": expires})),
+            )
+        }
+        fn authorized(fake: &FakeGitHubApp, headers: &HeaderMap) -> bool {
+            let token = bearer(headers);
+            let issued = fake.tokens_issued.load(Ordering::SeqCst);
+            (1..=issued).any(|n| token == format!("ghs_installation_{n}"))
+        }
+        async fn create(
+            State(fake): State<FakeGitHubApp>,
+            UrlPath((owner, repo)): UrlPath<(String, String)>,
+            headers: HeaderMap,
+            Json(body): Json<Value>,
+        ) -> (StatusCode, Json<Value>) {
+            if fake.down.load(Ordering::SeqCst) {
+                fake.refused.fetch_add(1, Ordering::SeqCst);
+                return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({})));
+            }
+            if !authorized(&fake, &headers) {
+                return (StatusCode::UNAUTHORIZED, Json(json!({})));
+            }
+            let mut runs = fake.check_runs.lock().expect("lock");
+            let id = 1000 + runs.len() as u64;
+            runs.insert(id, body["name"].as_str().unwrap_or_default().to_owned());
+            fake.calls.lock().expect("lock").push(CheckCall {
+                method: "POST",
+                path: format!("/repos/{owner}/{repo}/check-runs"),
+                body,
+            });
+            (StatusCode::CREATED, Json(json!({"id": id})))
+        }
+        async fn update(
+            State(fake): State<FakeGitHubApp>,
+            UrlPath((owner, repo, id)): UrlPath<(String, String, u64)>,
+            headers: HeaderMap,
+            Json(body): Json<Value>,
+        ) -> (StatusCode, Json<Value>) {
+            if fake.down.load(Ordering::SeqCst) {
+                fake.refused.fetch_add(1, Ordering::SeqCst);
+                return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({})));
+            }
+            if !authorized(&fake, &headers) {
+                return (StatusCode::UNAUTHORIZED, Json(json!({})));
+            }
+            if !fake.check_runs.lock().expect("lock").contains_key(&id) {
+                return (StatusCode::NOT_FOUND, Json(json!({})));
+            }
+            fake.calls.lock().expect("lock").push(CheckCall {
+                method: "PATCH",
+                path: format!("/repos/{owner}/{repo}/check-runs/{id}"),
+                body,
+            });
+            (StatusCode::OK, Json(json!({"id": id})))
+        }
+        let app = axum::Router::new()
+            .route(
+                "/app/installations/{installation}/access_tokens",
+                post(access_token),
+            )
+            .route("/repos/{owner}/{repo}/check-runs", post(create))
+            .route("/repos/{owner}/{repo}/check-runs/{id}", patch(update))
+            .with_state(fake.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake GitHub");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (fake, url)
+    }
+
+    fn calls(&self) -> Vec<CheckCall> {
+        self.calls.lock().expect("lock").clone()
+    }
+
+    /// The calls for the check run named `name`, in order.
+    fn calls_for(&self, name: &str) -> Vec<CheckCall> {
+        let runs = self.check_runs.lock().expect("lock").clone();
+        self.calls()
+            .into_iter()
+            .filter(|c| {
+                c.body["name"] == name
+                    || c.path.rsplit('/').next().and_then(|id| id.parse().ok())
+                        .and_then(|id: u64| runs.get(&id))
+                        .is_some_and(|n| n == name)
+            })
+            .collect()
+    }
+}
+
+fn push_payload_with_installation(sha: &str) -> String {
+    json!({
+        "ref": "refs/heads/main",
+        "before": "0".repeat(40),
+        "after": sha,
+        "repository": {
+            "full_name": "octo/app",
+            "clone_url": CLONE_URL,
+            "html_url": "https://github.example/octo/app",
+        },
+        "installation": {"id": INSTALLATION},
+        "sender": {"login": "octocat"},
+        "head_commit": {"id": sha},
+    })
+    .to_string()
+}
+
+async fn start(dir: &std::path::Path, repo: &Repo) -> (FakeGitHubApp, Harness) {
+    let (private_key, public_key) = key_files();
+    let (github, api_url) = FakeGitHubApp::start(public_key).await;
+    let h = Harness::start(
+        dir,
+        repo.rewrite(),
+        Options {
+            github_api_url: Some(api_url),
+            github_app: Some((APP_ID.to_owned(), private_key)),
+            ..Options::default()
+        },
+    )
+    .await;
+    (github, h)
+}
+
+/// Checks the exact calls of both check runs once all of them arrived.
+async fn assert_check_runs(github: &FakeGitHubApp, h: &Harness, sha: &str) {
+    let gh = github.clone();
+    // build: create, complete (50 annotations), 12 more; lint: create, complete.
+    wait_for("five check-run calls", Duration::from_secs(30), || {
+        let gh = gh.clone();
+        async move { gh.calls().len() >= 5 }
+    })
+    .await;
+    let runs = h
+        .store
+        .list(&kiln_store::RunFilter::default())
+        .await
+        .expect("list");
+    let details_url = format!("{}/runs/{}", h.url, runs[0].id);
+
+    let build = github.calls_for("Build");
+    let methods: Vec<&str> = build.iter().map(|c| c.method).collect();
+    assert_eq!(methods, ["POST", "PATCH", "PATCH"], "{build:#?}");
+    assert_eq!(build[0].path, "/repos/octo/app/check-runs");
+    let created = &build[0].body;
+    assert_eq!(created["status"], "in_progress");
+    assert_eq!(created["head_sha"], sha);
+    assert_eq!(created["details_url"], details_url.as_str());
+    assert_eq!(created["external_id"], runs[0].id.as_str());
+    assert!(created.get("conclusion").is_none());
+
+    let done = &build[1].body;
+    assert!(build[1].path.starts_with("/repos/octo/app/check-runs/"));
+    assert_eq!(build[1].path, build[2].path, "both updates patch one check run");
+    assert_eq!(done["status"], "completed");
+    assert_eq!(done["conclusion"], "failure");
+    assert_eq!(
+        done["output"]["title"],
+        "Failed: 1 error, 1 warning, 60 notices"
+    );
+    let summary = done["output"]["summary"].as_str().unwrap_or_default();
+    assert!(summary.contains("## Build report"), "{summary}");
+    assert!(summary.contains("All **62** findings below."), "{summary}");
+    let first = done["output"]["annotations"].as_array().expect("annotations");
+    assert_eq!(first.len(), 50);
+    assert_eq!(
+        first[0],
+        json!({
+            "path": "src/main.rs",
+            "start_line": 3,
+            "end_line": 3,
+            "start_column": 7,
+            "end_column": 7,
+            "annotation_level": "failure",
+            "message": "this call is wrong",
+            "title": "Bad call",
+        })
+    );
+    assert_eq!(first[1]["annotation_level"], "warning");
+    assert_eq!(first[1]["path"], ".github");
+    assert_eq!(first[2]["message"], "note 1");
+    let rest = build[2].body["output"]["annotations"]
+        .as_array()
+        .expect("annotations");
+    assert_eq!(rest.len(), 12);
+    assert_eq!(rest[11]["message"], "note 60");
+    assert_eq!(rest[11]["annotation_level"], "notice");
+    assert_eq!(build[2].body["output"]["title"], done["output"]["title"]);
+    assert!(build[2].body.get("conclusion").is_none());
+
+    let lint = github.calls_for("lint");
+    let shape: Vec<(&str, Value)> = lint
+        .iter()
+        .map(|c| (c.method, c.body["status"].clone()))
+        .collect();
+    assert_eq!(
+        shape,
+        [("POST", json!("in_progress")), ("PATCH", json!("completed"))]
+    );
+    assert_eq!(lint[1].body["conclusion"], "success");
+    assert_eq!(lint[1].body["output"]["title"], "Succeeded");
+    assert!(
+        lint[1].body["output"]["annotations"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    );
+    assert_eq!(github.calls().len(), 5, "nothing else: {:#?}", github.calls());
+    // One installation token served every call (cached), for the payload's installation.
+    assert_eq!(
+        *github.token_installations.lock().expect("lock"),
+        [INSTALLATION]
+    );
+}
+
+#[tokio::test]
+async fn an_app_gets_check_runs_per_job_with_summary_and_batched_annotations() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = Repo::new(dir.path(), &[("checks.yml", CHECKS_WORKFLOW)]);
+    let sha = repo.commit("checks");
+    let (github, h) = start(dir.path(), &repo).await;
+    let response = h
+        .signed_webhook("push", "checks-1", &push_payload_with_installation(&sha))
+        .await;
+    assert_eq!(response.status(), 202);
+    assert_check_runs(&github, &h, &sha).await;
+    let run = &h
+        .store
+        .list(&kiln_store::RunFilter::default())
+        .await
+        .expect("list")[0];
+    assert_eq!(run.result, Some(kiln_store::RunResult::Failure));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn check_runs_survive_an_api_outage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = Repo::new(dir.path(), &[("checks.yml", CHECKS_WORKFLOW)]);
+    let sha = repo.commit("checks outage");
+    let (github, h) = start(dir.path(), &repo).await;
+    github.down.store(true, Ordering::SeqCst);
+    assert_eq!(
+        h.signed_webhook(
+            "push",
+            "checks-outage",
+            &push_payload_with_installation(&sha)
+        )
+        .await
+        .status(),
+        202
+    );
+    let store = h.store.clone();
+    wait_for("the run to finish", Duration::from_secs(60), || {
+        let store = store.clone();
+        async move {
+            store
+                .list(&kiln_store::RunFilter::default())
+                .await
+                .expect("list")
+                .first()
+                .is_some_and(|r| r.status == kiln_store::RunStatus::Finished)
+        }
+    })
+    .await;
+    let gh = github.clone();
+    wait_for("refused attempts", Duration::from_secs(10), || {
+        let gh = gh.clone();
+        async move { gh.refused.load(Ordering::SeqCst) >= 2 }
+    })
+    .await;
+    assert!(github.calls().is_empty());
+    assert!(h.store.counts().await.expect("counts").outbox_pending >= 5);
+
+    // The API comes back: every call arrives, in order, exactly once.
+    github.down.store(false, Ordering::SeqCst);
+    assert_check_runs(&github, &h, &sha).await;
+    assert_eq!(h.store.counts().await.expect("counts").outbox_pending, 0);
+    h.stop().await;
+}
