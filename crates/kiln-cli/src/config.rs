@@ -47,7 +47,8 @@ pub struct FileConfig {
 pub struct ServerSection {
     /// Address to listen on (`127.0.0.1:8080`).
     pub listen: Option<String>,
-    /// The run database: empty = SQLite in the data dir, or a path to a SQLite file.
+    /// The run database: empty = SQLite in the data dir, a path to a SQLite file, or a
+    /// `postgres://` URL (its password from `KILN_DATABASE_PASSWORD`, never in argv).
     pub database: Option<String>,
     /// GitHub's REST API base (GHES: `https://HOST/api/v3`).
     pub github_api_url: Option<String>,
@@ -55,6 +56,9 @@ pub struct ServerSection {
     pub gitea_api_url: Option<String>,
     /// The URL people reach kiln at, for the `target_url` of commit statuses.
     pub public_url: Option<String>,
+    /// A GitHub App's id (`KILN_GITHUB_APP_ID` overrides): with its private key
+    /// (`KILN_GITHUB_APP_PRIVATE_KEY`), GitHub runs get check runs instead of commit statuses.
+    pub github_app_id: Option<u64>,
     /// Clone URL prefix -> replacement prefix (mirrors, tests).
     #[serde(default)]
     pub clone_url_rewrite: IndexMap<String, String>,

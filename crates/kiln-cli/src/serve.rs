@@ -3,8 +3,9 @@
 //! The runner side (backend, session limit, VM spec) is resolved exactly as for `kiln run`
 //! (`[runner]`, `KILN_*`), the server side from `[server]`, `KILN_LISTEN`/`--listen`, and the
 //! secrets from the environment or `<NAME>_FILE` files. One `kiln serve` owns its database: it
-//! holds an exclusive lock on `<database>.lock`, so at start every run still marked running was
-//! left by a process that is gone (restart recovery relies on that).
+//! holds an exclusive lock on `<database>.lock` (SQLite) or a PostgreSQL advisory lock, so at
+//! start every run still marked running was left by a process that is gone (restart recovery
+//! relies on that).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,7 +17,7 @@ use clap::{Args, FromArgMatches};
 use kiln_runner::executor::WorkflowExecutor;
 use kiln_runner::session::{SessionConfig, SessionManager};
 use kiln_server::{Runner, Secrets, Server, ServerConfig};
-use kiln_store::SqliteStore;
+use kiln_store::{PostgresStore, RunStore, SqliteStore};
 use kiln_vm::select_backend;
 
 use crate::args::{RunArgs, ServeArgs};
@@ -43,13 +44,16 @@ pub async fn serve(file: &FileConfig, args: ServeArgs) -> Result<u8, Exit> {
         .parse()
         .map_err(|e| usage(anyhow!("--listen: {e}")))?;
     let dirs = Dirs::from_env();
-    let database = database_path(section.database.as_deref(), &dirs).map_err(usage)?;
-    if let Some(parent) = database.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("Cannot create {}", parent.display()))
-            .map_err(|e| Exit::new(exit::INFRA, e))?;
+    let database = database_choice(section.database.as_deref(), &dirs).map_err(usage)?;
+    let database_password = secret("KILN_DATABASE_PASSWORD").map_err(usage)?;
+    if let (Database::Sqlite(_), Some(_)) = (&database, &database_password) {
+        return Err(usage(anyhow!(
+            "KILN_DATABASE_PASSWORD is set, but [server] database is SQLite (it takes none)"
+        )));
     }
-    let _lock = lock_database(&database).map_err(|e| Exit::new(exit::INFRA, e))?;
+    let (store, _lock, database_name) = open_database(&database, database_password.as_deref())
+        .await
+        .map_err(|e| Exit::new(exit::INFRA, e))?;
 
     let mut config = ServerConfig::new(listen, dirs.data.join("server"));
     if let Some(url) = &section.public_url {
@@ -69,7 +73,7 @@ pub async fn serve(file: &FileConfig, args: ServeArgs) -> Result<u8, Exit> {
         .collect();
     config.workers = section.workers.unwrap_or(settings.max_sessions).max(1);
     config.requeue_interrupted = section.requeue_interrupted.unwrap_or(false);
-    config.secrets = secrets().map_err(usage)?;
+    config.secrets = secrets(section.github_app_id).map_err(usage)?;
     if config.secrets.github_webhook.is_none() && config.secrets.gitea_webhook.is_none() {
         eprintln!(
             "warning: neither KILN_GITHUB_WEBHOOK_SECRET nor KILN_GITEA_WEBHOOK_SECRET is set: \
@@ -117,11 +121,7 @@ pub async fn serve(file: &FileConfig, args: ServeArgs) -> Result<u8, Exit> {
         spec: settings.spec.clone(),
         vms: Some(settings.vms.clone()),
     };
-    let store = SqliteStore::open(&database)
-        .await
-        .with_context(|| format!("Cannot open the run database {}", database.display()))
-        .map_err(|e| Exit::new(exit::INFRA, e))?;
-    let server = Server::start(config, Arc::new(store), runner)
+    let server = Server::start(config, store, runner)
         .await
         .map_err(|e| Exit::new(exit::INFRA, e))?;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -131,7 +131,7 @@ pub async fn serve(file: &FileConfig, args: ServeArgs) -> Result<u8, Exit> {
     eprintln!(
         "kiln serve: listening on http://{} (database {})",
         listener.local_addr().unwrap_or(listen),
-        database.display()
+        database_name
     );
     server
         .serve(listener, shutdown_signal(), grace)
@@ -156,14 +156,89 @@ async fn shutdown_signal() {
     }
 }
 
-fn database_path(configured: Option<&str>, dirs: &Dirs) -> anyhow::Result<PathBuf> {
+/// Where the runs are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Database {
+    /// A SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL URL.
+    Postgres(String),
+}
+
+fn database_choice(configured: Option<&str>, dirs: &Dirs) -> anyhow::Result<Database> {
     match configured.map(str::trim) {
-        None | Some("") => Ok(dirs.data.join("kiln.db")),
-        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => bail!(
-            "[server] database: PostgreSQL is not yet supported by this kiln version; use a \
-             SQLite path"
+        None | Some("") => Ok(Database::Sqlite(dirs.data.join("kiln.db"))),
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Ok(Database::Postgres(url.to_owned()))
+        }
+        Some(url) if url.contains("://") && !url.starts_with("sqlite://") => bail!(
+            "[server] database: `{}` is neither a SQLite path nor a postgres:// URL",
+            redact(url)
         ),
-        Some(url) => Ok(PathBuf::from(url.strip_prefix("sqlite://").unwrap_or(url))),
+        Some(url) => Ok(Database::Sqlite(PathBuf::from(
+            url.strip_prefix("sqlite://").unwrap_or(url),
+        ))),
+    }
+}
+
+/// A database URL with any password in it replaced by `***`, for messages.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    match rest[..authority_end].rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{}", &rest[authority_end..]),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// What holds a database for this process: the lock file, or the PostgreSQL session.
+enum DatabaseLock {
+    Sqlite { _file: std::fs::File },
+    Postgres { _session: kiln_store::PostgresOwnerLock },
+}
+
+/// Opens the store and takes its owner lock; returns both and a name for messages.
+async fn open_database(
+    database: &Database,
+    password: Option<&str>,
+) -> anyhow::Result<(Arc<dyn RunStore>, DatabaseLock, String)> {
+    match database {
+        Database::Sqlite(path) => {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("Cannot create {}", parent.display()))?;
+            }
+            let lock = lock_database(path)?;
+            let store = SqliteStore::open(path)
+                .await
+                .with_context(|| format!("Cannot open the run database {}", path.display()))?;
+            Ok((
+                Arc::new(store),
+                DatabaseLock::Sqlite { _file: lock },
+                path.display().to_string(),
+            ))
+        }
+        Database::Postgres(url) => {
+            let name = redact(url);
+            let store = PostgresStore::connect(url, password)
+                .await
+                .with_context(|| format!("Cannot open the run database {name}"))?;
+            let lock = store
+                .lock_owner()
+                .await
+                .with_context(|| format!("Cannot lock the run database {name}"))?
+                .ok_or_else(|| anyhow!("{name} is in use by another kiln serve"))?;
+            Ok((
+                Arc::new(store),
+                DatabaseLock::Postgres { _session: lock },
+                name,
+            ))
+        }
     }
 }
 
@@ -213,8 +288,14 @@ fn secret(name: &str) -> anyhow::Result<Option<String>> {
     }
 }
 
-fn secrets() -> anyhow::Result<Secrets> {
+fn secrets(github_app_id: Option<u64>) -> anyhow::Result<Secrets> {
+    let app_id = std::env::var("KILN_GITHUB_APP_ID")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .or_else(|| github_app_id.map(|id| id.to_string()));
     Ok(Secrets {
+        github_app_id: app_id,
+        github_app_private_key: secret("KILN_GITHUB_APP_PRIVATE_KEY")?,
         github_webhook: secret("KILN_GITHUB_WEBHOOK_SECRET")?,
         gitea_webhook: secret("KILN_GITEA_WEBHOOK_SECRET")?,
         github_token: secret("KILN_GITHUB_TOKEN")?,
@@ -228,20 +309,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn database_defaults_to_the_data_dir_and_refuses_postgres() {
+    fn database_defaults_to_sqlite_in_the_data_dir_and_takes_postgres_urls() {
         let dirs = Dirs {
             data: PathBuf::from("/data"),
             runtime: PathBuf::from("/run"),
         };
         assert_eq!(
-            database_path(None, &dirs).expect("path"),
-            PathBuf::from("/data/kiln.db")
+            database_choice(None, &dirs).expect("path"),
+            Database::Sqlite(PathBuf::from("/data/kiln.db"))
         );
         assert_eq!(
-            database_path(Some("sqlite:///x/y.db"), &dirs).expect("path"),
-            PathBuf::from("/x/y.db")
+            database_choice(Some("sqlite:///x/y.db"), &dirs).expect("path"),
+            Database::Sqlite(PathBuf::from("/x/y.db"))
         );
-        assert!(database_path(Some("postgres://h/db"), &dirs).is_err());
+        assert_eq!(
+            database_choice(Some("postgres://kiln@h/db"), &dirs).expect("url"),
+            Database::Postgres("postgres://kiln@h/db".to_owned())
+        );
+        let err = database_choice(Some("mysql://u:secret@h/db"), &dirs).expect_err("refused");
+        assert!(!err.to_string().contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn passwords_in_database_urls_are_redacted() {
+        assert_eq!(
+            redact("postgres://kiln:hunter2@db:5432/kiln?sslmode=require"),
+            "postgres://kiln:***@db:5432/kiln?sslmode=require"
+        );
+        assert_eq!(redact("postgres://kiln@db/kiln"), "postgres://kiln@db/kiln");
+        assert_eq!(redact("postgres:///kiln?host=/run/pg"), "postgres:///kiln?host=/run/pg");
     }
 
     #[test]

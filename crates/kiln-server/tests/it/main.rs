@@ -3,6 +3,7 @@
 mod api;
 mod browser;
 mod checks;
+mod postgres;
 mod e2e;
 mod support;
 mod vm;

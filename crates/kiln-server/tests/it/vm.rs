@@ -145,7 +145,7 @@ async fn a_push_runs_in_a_qemu_vm_and_reports_success() {
 }
 
 /// The `kiln` binary of this workspace (built if needed, in this test's target dir).
-fn kiln_binary() -> PathBuf {
+pub(crate) fn kiln_binary() -> PathBuf {
     if let Some(bin) = std::env::var_os("KILN_BIN") {
         return PathBuf::from(bin);
     }
