@@ -198,8 +198,12 @@ fn redact(url: &str) -> String {
 
 /// What holds a database for this process: the lock file, or the PostgreSQL session.
 enum DatabaseLock {
-    Sqlite { _file: std::fs::File },
-    Postgres { _session: kiln_store::PostgresOwnerLock },
+    Sqlite {
+        _file: std::fs::File,
+    },
+    Postgres {
+        _session: kiln_store::PostgresOwnerLock,
+    },
 }
 
 /// Opens the store and takes its owner lock; returns both and a name for messages.
@@ -337,7 +341,10 @@ mod tests {
             "postgres://kiln:***@db:5432/kiln?sslmode=require"
         );
         assert_eq!(redact("postgres://kiln@db/kiln"), "postgres://kiln@db/kiln");
-        assert_eq!(redact("postgres:///kiln?host=/run/pg"), "postgres:///kiln?host=/run/pg");
+        assert_eq!(
+            redact("postgres:///kiln?host=/run/pg"),
+            "postgres:///kiln?host=/run/pg"
+        );
     }
 
     #[test]

@@ -86,7 +86,11 @@ fn details_url(shared: &Shared, run: &RunRecord) -> String {
 
 fn report(shared: &Shared, run: &RunRecord, ref_key: String, name: &str) -> CheckRunReport {
     CheckRunReport {
-        api_url: shared.config.github_api_url.trim_end_matches('/').to_owned(),
+        api_url: shared
+            .config
+            .github_api_url
+            .trim_end_matches('/')
+            .to_owned(),
         repository: run.spec.repository.clone(),
         installation: run
             .spec
@@ -490,15 +494,28 @@ mod tests {
     fn annotations_take_github_levels_and_default_to_the_workflow_dir() {
         let a = annotation(&note("error", Some("src/lib.rs"), Some(3)));
         assert_eq!(a["annotation_level"], "failure");
-        assert_eq!((a["path"].as_str(), a["start_line"].as_u64()), (Some("src/lib.rs"), Some(3)));
+        assert_eq!(
+            (a["path"].as_str(), a["start_line"].as_u64()),
+            (Some("src/lib.rs"), Some(3))
+        );
         let b = annotation(&note("notice", None, None));
-        assert_eq!((b["path"].as_str(), b["start_line"].as_u64()), (Some(".github"), Some(1)));
+        assert_eq!(
+            (b["path"].as_str(), b["start_line"].as_u64()),
+            (Some(".github"), Some(1))
+        );
     }
 
     #[test]
     fn titles_count_annotations() {
-        let list = [note("error", None, None), note("error", None, None), note("warning", None, None)];
-        assert_eq!(title(Conclusion::Failure, &list), "Failed: 2 errors, 1 warning");
+        let list = [
+            note("error", None, None),
+            note("error", None, None),
+            note("warning", None, None),
+        ];
+        assert_eq!(
+            title(Conclusion::Failure, &list),
+            "Failed: 2 errors, 1 warning"
+        );
         assert_eq!(title(Conclusion::Success, &[]), "Succeeded");
     }
 

@@ -177,11 +177,7 @@ impl GitHubApp {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&cache_key)
-            && cached
-                .expires_at
-                .duration_since(now)
-                .as_secs()
-                > 5 * 60
+            && cached.expires_at.duration_since(now).as_secs() > 5 * 60
         {
             return Ok(cached.token.clone());
         }
@@ -201,13 +197,16 @@ impl GitHubApp {
             .json()
             .await
             .map_err(|e| format!("Installation token: unreadable answer: {e}"))?;
-        self.tokens.lock().unwrap_or_else(|e| e.into_inner()).insert(
-            cache_key,
-            CachedToken {
-                token: token.token.clone(),
-                expires_at: token.expires_at,
-            },
-        );
+        self.tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                cache_key,
+                CachedToken {
+                    token: token.token.clone(),
+                    expires_at: token.expires_at,
+                },
+            );
         Ok(token.token)
     }
 
@@ -229,7 +228,9 @@ impl GitHubApp {
         struct Installation {
             id: u64,
         }
-        let jwt = self.jwt(jiff::Timestamp::now()).map_err(|e| e.to_string())?;
+        let jwt = self
+            .jwt(jiff::Timestamp::now())
+            .map_err(|e| e.to_string())?;
         let url = format!("{api_url}/repos/{repository}/installation");
         let response = github_request(http.get(&url), &jwt)
             .send()
@@ -250,7 +251,10 @@ impl GitHubApp {
 }
 
 /// GitHub's recommended headers with a bearer token.
-pub(crate) fn github_request(request: reqwest::RequestBuilder, token: &str) -> reqwest::RequestBuilder {
+pub(crate) fn github_request(
+    request: reqwest::RequestBuilder,
+    token: &str,
+) -> reqwest::RequestBuilder {
     request
         .bearer_auth(token)
         .header("Accept", "application/vnd.github+json")
@@ -270,7 +274,10 @@ mod tests {
             .chunks(64)
             .map(|c| std::str::from_utf8(c).expect("base64 is ASCII"))
             .collect();
-        format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
+        format!(
+            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+            lines.join("\n")
+        )
     }
 
     #[test]
@@ -331,7 +338,10 @@ mod tests {
             Err(GitHubAppError::NotPem)
         ));
         assert!(matches!(
-            GitHubApp::new("1", "-----BEGIN RSA PRIVATE KEY-----\n!!!\n-----END RSA PRIVATE KEY-----"),
+            GitHubApp::new(
+                "1",
+                "-----BEGIN RSA PRIVATE KEY-----\n!!!\n-----END RSA PRIVATE KEY-----"
+            ),
             Err(GitHubAppError::Base64(_))
         ));
         assert!(matches!(

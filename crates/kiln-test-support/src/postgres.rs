@@ -83,10 +83,12 @@ fn find_bin() -> Result<PathBuf, String> {
             return Ok(real);
         }
     }
-    Err("PostgreSQL's server binaries (initdb, pg_ctl, postgres) were not found in \
+    Err(
+        "PostgreSQL's server binaries (initdb, pg_ctl, postgres) were not found in \
          KILN_TEST_PG_BIN, /usr/lib/postgresql/*/bin or PATH. Install Debian's `postgresql` \
          package (scripts/test does so when it is missing)."
-        .to_owned())
+            .to_owned(),
+    )
 }
 
 /// `uid:gid` of a user, from `id`.
@@ -120,7 +122,10 @@ fn run(command: &mut Command, what: &str) -> Result<(), String> {
 impl PgCluster {
     fn start() -> Result<PgCluster, String> {
         let bin = find_bin()?;
-        let as_root = std::fs::metadata("/proc/self").map_err(|e| e.to_string())?.uid() == 0;
+        let as_root = std::fs::metadata("/proc/self")
+            .map_err(|e| e.to_string())?
+            .uid()
+            == 0;
         // As root, every server-side command runs as `postgres`.
         let owner = if as_root {
             Some(user_ids("postgres").ok_or(
@@ -148,10 +153,13 @@ impl PgCluster {
             COUNT.fetch_add(1, Ordering::SeqCst)
         ));
         std::fs::create_dir(&root).map_err(|e| format!("mkdir {}: {e}", root.display()))?;
-        let password = format!("pw-{:x}", std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default());
+        let password = format!(
+            "pw-{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        );
         let pwfile = root.join("pwfile");
         std::fs::write(&pwfile, format!("{password}\n")).map_err(|e| e.to_string())?;
         for path in [&root, &pwfile] {
@@ -193,7 +201,14 @@ impl PgCluster {
             server_command("initdb")
                 .arg("-D")
                 .arg(root.join("data"))
-                .args(["-U", USER, "--auth=scram-sha-256", "-E", "UTF8", "--no-locale"])
+                .args([
+                    "-U",
+                    USER,
+                    "--auth=scram-sha-256",
+                    "-E",
+                    "UTF8",
+                    "--no-locale",
+                ])
                 .arg(format!("--pwfile={}", pwfile.display())),
             "initdb",
         )?;

@@ -228,7 +228,10 @@ impl FakeGitHubApp {
             .into_iter()
             .filter(|c| {
                 c.body["name"] == name
-                    || c.path.rsplit('/').next().and_then(|id| id.parse().ok())
+                    || c.path
+                        .rsplit('/')
+                        .next()
+                        .and_then(|id| id.parse().ok())
                         .and_then(|id: u64| runs.get(&id))
                         .is_some_and(|n| n == name)
             })
@@ -298,7 +301,10 @@ async fn assert_check_runs(github: &FakeGitHubApp, h: &Harness, sha: &str) {
 
     let done = &build[1].body;
     assert!(build[1].path.starts_with("/repos/octo/app/check-runs/"));
-    assert_eq!(build[1].path, build[2].path, "both updates patch one check run");
+    assert_eq!(
+        build[1].path, build[2].path,
+        "both updates patch one check run"
+    );
     assert_eq!(done["status"], "completed");
     assert_eq!(done["conclusion"], "failure");
     assert_eq!(
@@ -308,7 +314,9 @@ async fn assert_check_runs(github: &FakeGitHubApp, h: &Harness, sha: &str) {
     let summary = done["output"]["summary"].as_str().unwrap_or_default();
     assert!(summary.contains("## Build report"), "{summary}");
     assert!(summary.contains("All **62** findings below."), "{summary}");
-    let first = done["output"]["annotations"].as_array().expect("annotations");
+    let first = done["output"]["annotations"]
+        .as_array()
+        .expect("annotations");
     assert_eq!(first.len(), 50);
     assert_eq!(
         first[0],
@@ -342,7 +350,10 @@ async fn assert_check_runs(github: &FakeGitHubApp, h: &Harness, sha: &str) {
         .collect();
     assert_eq!(
         shape,
-        [("POST", json!("in_progress")), ("PATCH", json!("completed"))]
+        [
+            ("POST", json!("in_progress")),
+            ("PATCH", json!("completed"))
+        ]
     );
     assert_eq!(lint[1].body["conclusion"], "success");
     assert_eq!(lint[1].body["output"]["title"], "Succeeded");
@@ -351,7 +362,12 @@ async fn assert_check_runs(github: &FakeGitHubApp, h: &Harness, sha: &str) {
             .as_array()
             .is_some_and(Vec::is_empty)
     );
-    assert_eq!(github.calls().len(), 5, "nothing else: {:#?}", github.calls());
+    assert_eq!(
+        github.calls().len(),
+        5,
+        "nothing else: {:#?}",
+        github.calls()
+    );
     // One installation token served every call (cached), for the payload's installation.
     assert_eq!(
         *github.token_installations.lock().expect("lock"),

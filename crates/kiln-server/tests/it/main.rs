@@ -3,8 +3,8 @@
 mod api;
 mod browser;
 mod checks;
-mod postgres;
 mod e2e;
+mod postgres;
 mod support;
 mod vm;
 mod webhooks;

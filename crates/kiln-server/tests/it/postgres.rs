@@ -8,8 +8,7 @@ use std::time::Duration;
 use kiln_store::{PostgresStore, RunFilter, RunResult, RunStore};
 
 use crate::support::{
-    API_TOKEN, CI_WORKFLOW, FakeGitHub, GITHUB_TOKEN, Repo, WEBHOOK_SECRET, push_payload,
-    wait_for,
+    API_TOKEN, CI_WORKFLOW, FakeGitHub, GITHUB_TOKEN, Repo, WEBHOOK_SECRET, push_payload, wait_for,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

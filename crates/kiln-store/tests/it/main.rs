@@ -230,7 +230,9 @@ async fn concurrent_claimers_start_one_run_per_group(backend: Backend) {
             .expect("enqueue");
     }
     let other = db.open().await;
-    let running = Arc::new(std::sync::Mutex::new(std::collections::HashSet::<String>::new()));
+    let running = Arc::new(std::sync::Mutex::new(
+        std::collections::HashSet::<String>::new(),
+    ));
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for i in 0..6 {
