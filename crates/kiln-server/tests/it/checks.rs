@@ -386,6 +386,20 @@ async fn an_app_gets_check_runs_per_job_with_summary_and_batched_annotations() {
         .await;
     assert_eq!(response.status(), 202);
     assert_check_runs(&github, &h, &sha).await;
+    // The last job's check run can be completed before the run itself is recorded finished.
+    let store = h.store.clone();
+    wait_for("the run to finish", Duration::from_secs(30), || {
+        let store = store.clone();
+        async move {
+            store
+                .list(&kiln_store::RunFilter::default())
+                .await
+                .expect("list")
+                .first()
+                .is_some_and(|r| r.result.is_some())
+        }
+    })
+    .await;
     let run = &h
         .store
         .list(&kiln_store::RunFilter::default())
