@@ -1720,6 +1720,8 @@ impl WorkflowExecutor {
             name: record.name.clone(),
             result,
             outputs: record.outputs.clone(),
+            summary: String::new(),
+            annotations: Vec::new(),
         });
         JobReport {
             id: record.id.clone(),
