@@ -46,6 +46,15 @@ pub enum GitError {
     },
 }
 
+/// The pull request number of a `refs/pull/{number}/merge` ref.
+pub fn pull_number(git_ref: &str) -> Option<u64> {
+    git_ref
+        .strip_prefix("refs/pull/")?
+        .strip_suffix("/merge")?
+        .parse()
+        .ok()
+}
+
 /// The per-repository bare caches.
 #[derive(Debug)]
 pub struct GitCache {
@@ -180,6 +189,40 @@ impl GitCache {
         self.git(Some(&dir), &["update-ref", &keep, &sha], "update-ref")
             .await?;
         Ok((dir, sha))
+    }
+
+    /// The commit a pull request runs on, as on GitHub: its merge commit
+    /// (`refs/pull/{number}/merge`, the head merged into the base), fetched into the cache.
+    /// The forge updates that ref asynchronously, and has none while the pull request conflicts
+    /// (Gitea keeps none at all), so it is only used when it merges exactly `head`. `Err` says
+    /// why the head commit must run instead.
+    pub async fn fetch_pull_merge(
+        &self,
+        clone_url: &str,
+        number: u64,
+        head: &str,
+    ) -> Result<(PathBuf, String), String> {
+        let merge_ref = format!("refs/pull/{number}/merge");
+        let (dir, merge) = self
+            .fetch(clone_url, &merge_ref, None)
+            .await
+            .map_err(|e| format!("{merge_ref} cannot be fetched: {}", crate::api::chain(&e)))?;
+        let parents = self
+            .git(
+                Some(&dir),
+                &["rev-list", "--parents", "--max-count=1", &merge],
+                "rev-list",
+            )
+            .await
+            .map_err(|e| crate::api::chain(&e))?;
+        let parents: Vec<&str> = parents.split_whitespace().skip(1).collect();
+        match parents.as_slice() {
+            [_, merged] if *merged == head => Ok((dir, merge)),
+            [_, merged] => Err(format!(
+                "{merge_ref} merges {merged}, not the head {head} (the forge has not updated it yet)"
+            )),
+            _ => Err(format!("{merge_ref} ({merge}) is not a merge commit")),
+        }
     }
 
     async fn has_commit(&self, dir: &Path, sha: &str) -> bool {

@@ -99,15 +99,48 @@ pub(crate) async fn enqueue_trigger(
     trigger: &Trigger,
     delivery: Option<&str>,
 ) -> Result<Vec<RunRecord>, IntakeError> {
-    let (cache, sha) = shared
-        .git
-        .fetch(
-            &trigger.clone_url,
-            &trigger.fetch_ref,
-            trigger.sha.as_deref(),
-        )
-        .await?;
-    let files = shared.git.workflows(&cache, &sha).await?;
+    // A pull request's workflows come from its merge commit, as on GitHub; the run keeps the
+    // head commit (`sha`), which its statuses and check runs are reported on.
+    let pull = (trigger.event == "pull_request")
+        .then(|| crate::git::pull_number(&trigger.git_ref))
+        .flatten();
+    let merge = match (pull, trigger.sha.as_deref()) {
+        (Some(number), Some(head)) => {
+            match shared
+                .git
+                .fetch_pull_merge(&trigger.clone_url, number, head)
+                .await
+            {
+                Ok(found) => Some(found),
+                Err(reason) => {
+                    warn!(
+                        "{} pull request #{number}: using the head commit {head}: {reason}",
+                        trigger.repository
+                    );
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let (cache, sha, workflow_sha) = match merge {
+        Some((cache, merge_sha)) => {
+            let head = trigger.sha.clone().unwrap_or_else(|| merge_sha.clone());
+            (cache, head, merge_sha)
+        }
+        None => {
+            let (cache, sha) = shared
+                .git
+                .fetch(
+                    &trigger.clone_url,
+                    &trigger.fetch_ref,
+                    trigger.sha.as_deref(),
+                )
+                .await?;
+            (cache, sha.clone(), sha)
+        }
+    };
+    let files = shared.git.workflows(&cache, &workflow_sha).await?;
     let event = trigger.event();
     let mut runs = Vec::new();
     for file in files {
@@ -126,7 +159,7 @@ pub(crate) async fn enqueue_trigger(
         if !workflow.on.matches(&event) {
             continue;
         }
-        let (group, cancel_in_progress) = concurrency(&workflow, trigger, &sha);
+        let (group, cancel_in_progress) = concurrency(&workflow, trigger, &workflow_sha);
         let run = shared
             .store
             .enqueue(NewRun {

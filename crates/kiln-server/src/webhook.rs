@@ -257,8 +257,9 @@ impl Trigger {
                         "pull request #{number} was closed"
                     )));
                 }
-                // The head commit runs (kiln does not build GitHub's merge commit); the ref is
-                // GitHub's, so `github.ref` and filters see what they expect.
+                // The head is what the pull request shows (statuses go there) and the fallback;
+                // intake and the worker run the merge commit of `refs/pull/N/merge` when it
+                // merges this head (`GitCache::fetch_pull_merge`), as GitHub does.
                 trigger.fetch_ref = format!("refs/pull/{number}/head");
                 trigger.git_ref = format!("refs/pull/{number}/merge");
                 trigger.sha = Some(head.to_owned());

@@ -167,11 +167,49 @@ async fn prepare_and_run(
     cancel: &CancellationToken,
 ) -> Result<Conclusion, String> {
     let spec = &run.spec;
-    let (cache, sha) = shared
-        .git
-        .fetch(&spec.clone_url, &spec.git_ref, Some(&spec.sha))
-        .await
-        .map_err(|e| crate::api::chain(&e))?;
+    // A pull request runs on its merge commit (`GITHUB_SHA`), as on GitHub, when the forge
+    // has an up-to-date one; otherwise on its head, saying why in the run's log.
+    let pull = (spec.event == "pull_request")
+        .then(|| crate::git::pull_number(&spec.git_ref))
+        .flatten();
+    let merge = match pull {
+        Some(number) => match shared
+            .git
+            .fetch_pull_merge(&spec.clone_url, number, &spec.sha)
+            .await
+        {
+            Ok(found) => Some(found),
+            Err(reason) => {
+                let message = format!(
+                    "Pull request #{number}: running its head commit {}: {reason}",
+                    spec.sha
+                );
+                warn!("Run {}: {message}", run.id);
+                sink.emit(EventKind::Log {
+                    job: String::new(),
+                    step: None,
+                    stream: kiln_runner::event::LogStream::Stderr,
+                    line: format!("kiln: {message}"),
+                });
+                None
+            }
+        },
+        None => None,
+    };
+    let (cache, sha) = match merge {
+        Some(found) => found,
+        None => {
+            let fetch_ref = match pull {
+                Some(number) => format!("refs/pull/{number}/head"),
+                None => spec.git_ref.clone(),
+            };
+            shared
+                .git
+                .fetch(&spec.clone_url, &fetch_ref, Some(&spec.sha))
+                .await
+                .map_err(|e| crate::api::chain(&e))?
+        }
+    };
     let checkout = shared
         .git
         .checkout(&cache, &sha, &spec.clone_url)

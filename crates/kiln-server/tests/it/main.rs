@@ -5,6 +5,7 @@ mod browser;
 mod checks;
 mod e2e;
 mod postgres;
+mod pull;
 mod support;
 mod vm;
 mod webhooks;
