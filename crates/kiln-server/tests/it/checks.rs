@@ -14,6 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{patch, post};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use kiln_store::RunStore;
 use serde_json::{Value, json};
 
 use crate::support::{CLONE_URL, Harness, Options, Repo, wait_for};
@@ -452,5 +453,106 @@ async fn check_runs_survive_an_api_outage() {
     github.down.store(false, Ordering::SeqCst);
     assert_check_runs(&github, &h, &sha).await;
     assert_eq!(h.store.counts().await.expect("counts").outbox_pending, 0);
+    h.stop().await;
+}
+
+/// A restart completes the check runs of jobs it interrupted, and a run that fails before any
+/// job starts gets one completed check run saying why. Neither check run was created before
+/// (the create was lost with the process, or never happened), so both are created completed.
+#[tokio::test]
+async fn interrupted_jobs_and_early_failures_get_completed_check_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = Repo::new(dir.path(), &[("checks.yml", CHECKS_WORKFLOW)]);
+    let sha = repo.commit("interrupted");
+    let run = |name: &str, sha: &str| kiln_store::NewRun {
+        forge: "github".into(),
+        repository: "octo/app".into(),
+        clone_url: CLONE_URL.into(),
+        sha: sha.to_owned(),
+        git_ref: "refs/heads/main".into(),
+        event: "push".into(),
+        workflow_file: ".github/workflows/checks.yml".into(),
+        workflow_name: name.into(),
+        payload: serde_json::from_str(&push_payload_with_installation(sha)).expect("json"),
+        inputs: json!({}),
+        delivery: None,
+        concurrency_group: None,
+        cancel_in_progress: false,
+        rerun_of: None,
+    };
+    // What a killed process leaves: a run executing its `Build` job.
+    let interrupted = {
+        let store = kiln_store::SqliteStore::open(&dir.path().join("kiln.db"))
+            .await
+            .expect("open");
+        let a = store.enqueue(run("Checks", &sha)).await.expect("enqueue");
+        store.claim_next().await.expect("claim");
+        let started = json!({"type": "job_started", "ts": "2026-01-01T00:00:00Z",
+            "run": a.id, "job": "build", "name": "Build"});
+        store
+            .append_events(&a.id, &[started.to_string()])
+            .await
+            .expect("events");
+        a
+    };
+    let (github, h) = start(dir.path(), &repo).await;
+    let gh = github.clone();
+    wait_for(
+        "the interrupted job's check run",
+        Duration::from_secs(30),
+        || {
+            let gh = gh.clone();
+            async move { !gh.calls().is_empty() }
+        },
+    )
+    .await;
+    let calls = github.calls();
+    assert_eq!(calls.len(), 1, "{calls:#?}");
+    assert_eq!(calls[0].method, "POST");
+    let body = &calls[0].body;
+    assert_eq!(body["name"], "Build");
+    assert_eq!(body["head_sha"], sha.as_str());
+    assert_eq!(body["status"], "completed");
+    assert_eq!(body["conclusion"], "failure");
+    assert_eq!(body["output"]["title"], "Interrupted");
+    assert_eq!(
+        body["details_url"],
+        format!("{}/runs/{}", h.url, interrupted.id)
+    );
+
+    // A commit that does not exist: the run fails before any job starts.
+    let missing = "0123456789abcdef0123456789abcdef01234567";
+    let early = h
+        .store
+        .enqueue(run("Checks", missing))
+        .await
+        .expect("enqueue");
+    let gh = github.clone();
+    wait_for(
+        "the early failure's check run",
+        Duration::from_secs(60),
+        || {
+            let gh = gh.clone();
+            async move { gh.calls().len() >= 2 }
+        },
+    )
+    .await;
+    let calls = github.calls();
+    assert_eq!(calls.len(), 2, "{calls:#?}");
+    let body = &calls[1].body;
+    assert_eq!(calls[1].method, "POST");
+    assert_eq!(body["name"], "Checks");
+    assert_eq!(body["head_sha"], missing);
+    assert_eq!(body["status"], "completed");
+    assert_eq!(body["conclusion"], "failure");
+    assert_eq!(body["output"]["title"], "kiln could not run this workflow");
+    let error = h
+        .store
+        .get(&early.id)
+        .await
+        .expect("get")
+        .and_then(|r| r.error)
+        .expect("an error");
+    assert_eq!(body["output"]["summary"], error.as_str());
     h.stop().await;
 }
