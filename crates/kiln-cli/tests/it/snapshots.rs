@@ -298,6 +298,23 @@ fn a_failed_run_is_debugged_and_resumed_from_its_snapshots_on_real_vms() {
     let out = env.kiln(&["logs", "nosuchrun"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("No run `nosuchrun`"));
+
+    // 6. Snapshot files that are gone are named, not restored.
+    let failure = PathBuf::from(
+        record["snapshots"][3]["dir"]
+            .as_str()
+            .expect("failure state dir"),
+    );
+    std::fs::remove_dir_all(&failure).expect("remove the failure state");
+    let out = env.kiln(&["debug", &run, "--", "true"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("snapshot files of run")
+            && text(&out.stderr).contains("are gone"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
 }
 
 #[test]
@@ -335,4 +352,41 @@ fn a_backend_without_live_snapshots_is_refused_up_front() {
     let runs = events(&out);
     assert_eq!(runs.len(), 1, "{runs:?}");
     assert_eq!(runs[0]["result"], "error");
+
+    // A run without snapshots cannot be debugged or resumed, and kiln says why.
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["run", "--backend", "local", "ci.yml"])
+        .current_dir(env.repo())
+        .env("KILN_RUNTIME_DIR", env.runtime())
+        .env("KILN_DATA_DIR", env.data())
+        .stdin(Stdio::null())
+        .output()
+        .expect("kiln runs");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    let run = stderr
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("run "))
+        .expect("the summary names the run")
+        .to_owned();
+    for args in [
+        vec!["debug", run.as_str(), "--", "true"],
+        vec!["rerun", run.as_str(), "--from-failed"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(&args)
+            .current_dir(env.repo())
+            .env("KILN_DATA_DIR", env.data())
+            .stdin(Stdio::null())
+            .output()
+            .expect("kiln runs");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            text(&out.stderr).contains(
+                "has no step snapshots: run the workflow with `kiln run --snapshots steps`"
+            ),
+            "{}",
+            text(&out.stderr)
+        );
+    }
 }
