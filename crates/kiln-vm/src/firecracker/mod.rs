@@ -634,7 +634,7 @@ impl FirecrackerProvider {
             root,
             process,
             meta: snapshot::Meta::new(spec, &self.binary, &image, jail.is_some()),
-            base_memory: None,
+            last_memory: std::sync::Mutex::new(None),
             released: AtomicBool::new(false),
         };
         let configure = async {
@@ -691,8 +691,9 @@ pub struct Machine {
     api: ApiClient,
     process: Process,
     meta: snapshot::Meta,
-    /// The memory file this VM was restored from, the base of its diff snapshots.
-    base_memory: Option<PathBuf>,
+    /// The memory file of this VM's last snapshot (or of the one it was restored from): the
+    /// base of its next, diff, snapshot.
+    last_memory: std::sync::Mutex<Option<PathBuf>>,
     released: AtomicBool,
 }
 
@@ -959,6 +960,10 @@ impl VmProvider for FirecrackerProvider {
         self.restore_snapshot(snapshot).await
     }
 
+    fn supports_checkpoints(&self) -> bool {
+        true
+    }
+
     async fn delete_snapshot(&self, snapshot: &crate::VmSnapshot) -> Result<(), VmError> {
         snapshot::delete(snapshot).await
     }
@@ -1137,6 +1142,11 @@ impl Vm for FirecrackerVm {
     async fn snapshot(&self, dest: &Path) -> Result<crate::VmSnapshot, VmError> {
         self.check()?;
         self.machine.save(dest).await
+    }
+
+    async fn checkpoint(&self, dest: &Path) -> Result<crate::VmSnapshot, VmError> {
+        self.check()?;
+        self.machine.checkpoint(dest).await
     }
 }
 

@@ -13,14 +13,15 @@
 //! [`super`]), so a restore lays out a new root with the same names: a link to the image's
 //! base disk and a sparse copy of `scratch.ext4`.
 //!
-//! # Save ([`Vm::snapshot`](crate::Vm::snapshot))
+//! # Save ([`Vm::snapshot`](crate::Vm::snapshot)) and checkpoint ([`Vm::checkpoint`](crate::Vm::checkpoint))
 //! `PATCH /vm Paused`, then `PUT /snapshot/create` into the VM's root (a jailed Firecracker
 //! sees nothing else), then the files move into the destination and the process is killed:
-//! the VM is spent. A VM booted cold writes a `Full` snapshot. A VM restored from a snapshot
-//! tracks dirty pages since the load, so it writes a `Diff` snapshot — only the pages it
-//! changed, at their offsets in a sparse file — which kiln applies onto a sparse copy of the
-//! memory it was restored from; the result is a full `memory` again, so every snapshot
-//! restores on its own.
+//! the VM is spent. A checkpoint copies the scratch disk (sparse) while the VM is paused and
+//! resumes it. A VM's first snapshot is `Full`; later ones, and those of a VM restored from a
+//! snapshot, are `Diff` — only the pages changed since the last snapshot or load, at their
+//! offsets in a sparse file — which kiln applies onto a sparse copy of that earlier memory
+//! file; the result is a full `memory` again, so every snapshot restores on its own. (When the
+//! earlier file is gone, a `Full` snapshot is written instead.)
 //!
 //! # Restore
 //! A new id and root; `PUT /snapshot/load` with the memory as a `File` backend,
@@ -32,7 +33,7 @@
 //! As with QEMU: one per image, spec and binary in `<image dir>/snapshots/fc-ready-<key>/`,
 //! created on first use in a temporary directory renamed into place.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
@@ -177,6 +178,38 @@ impl Machine {
     /// Pauses the VM, saves it under `dest` (see the module docs) and stops it: only
     /// [`Machine::release`] is left to call. `dest` must not exist yet.
     pub async fn save(&self, dest: &Path) -> Result<VmSnapshot, VmError> {
+        self.write_snapshot(dest, false).await
+    }
+
+    /// Pauses the VM, saves it under `dest` and resumes it: a live snapshot. The scratch disk
+    /// is copied (sparse) while the VM is paused; the memory is a diff against the previous
+    /// snapshot of this VM (or the one it was restored from) when that is still there.
+    pub async fn checkpoint(&self, dest: &Path) -> Result<VmSnapshot, VmError> {
+        let written = self.write_snapshot(dest, true).await;
+        let resumed = self.resume().await.map_err(|e| VmError::Guest {
+            vm: self.id.clone(),
+            message: format!("Resuming after a snapshot failed: {e}"),
+        });
+        let snapshot = written?;
+        resumed?;
+        Ok(snapshot)
+    }
+
+    /// Whether the next snapshot of this VM writes a diff (an earlier memory file is there).
+    pub fn saves_diff(&self) -> bool {
+        self.last_memory().is_some()
+    }
+
+    fn last_memory(&self) -> Option<PathBuf> {
+        self.last_memory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .filter(|p| p.is_file())
+    }
+
+    /// Pauses and writes `dest`; then kills the VM (`live` false) or leaves it paused.
+    async fn write_snapshot(&self, dest: &Path, live: bool) -> Result<VmSnapshot, VmError> {
         let io = |op: String, source| VmError::Io {
             vm: self.id.clone(),
             op,
@@ -185,7 +218,7 @@ impl Machine {
         tokio::fs::create_dir(dest)
             .await
             .map_err(|e| io(format!("creating {}", dest.display()), e))?;
-        let base = self.base_memory.clone().filter(|p| p.is_file());
+        let base = self.last_memory();
         let (kind, written) = match &base {
             Some(_) => (SnapshotType::Diff, MEMORY_DIFF),
             None => (SnapshotType::Full, MEMORY),
@@ -203,18 +236,24 @@ impl Machine {
             }))
             .await
             .map_err(failed)?;
-        self.process.kill_and_wait().await;
+        if !live {
+            self.process.kill_and_wait().await;
+        }
         let (root, dest_owned) = (self.root.clone(), dest.to_owned());
         blocking(
             &self.id,
             format!("moving the snapshot into {}", dest.display()),
             move || {
                 move_file(&root.join(STATE), &dest_owned.join(STATE))?;
-                move_file(&root.join(SCRATCH_DISK), &dest_owned.join(SCRATCH_DISK))?;
+                if live {
+                    copy_sparse(&root.join(SCRATCH_DISK), &dest_owned.join(SCRATCH_DISK))?;
+                } else {
+                    move_file(&root.join(SCRATCH_DISK), &dest_owned.join(SCRATCH_DISK))?;
+                }
                 match base {
                     Some(base) => {
-                        // Diff: the dirtied pages, applied onto a copy of the memory restored
-                        // from.
+                        // Diff: the pages dirtied since `base` was written, applied onto a
+                        // copy of it.
                         let merged = dest_owned.join(MEMORY);
                         copy_sparse(&base, &merged)?;
                         let diff = std::fs::File::open(root.join(MEMORY_DIFF))?;
@@ -227,6 +266,9 @@ impl Machine {
             },
         )
         .await?;
+        let memory = std::path::absolute(dest.join(MEMORY))
+            .map_err(|e| io("resolving the snapshot path".to_owned(), e))?;
+        *self.last_memory.lock().unwrap_or_else(|e| e.into_inner()) = Some(memory);
         let json = serde_json::to_vec_pretty(&self.meta)
             .expect("a Meta always serializes (plain strings and numbers)");
         tokio::fs::write(dest.join(META), json)
@@ -238,11 +280,6 @@ impl Machine {
             spec: self.meta.spec(),
             size_bytes: dir_size(dest),
         })
-    }
-
-    /// Whether the next [`Machine::save`] writes a diff snapshot (the VM was restored).
-    pub fn saves_diff(&self) -> bool {
-        self.base_memory.as_ref().is_some_and(|p| p.is_file())
     }
 }
 
@@ -379,7 +416,7 @@ impl FirecrackerProvider {
             root,
             process,
             meta,
-            base_memory: Some(memory),
+            last_memory: std::sync::Mutex::new(Some(memory)),
             released: AtomicBool::new(false),
         };
         let load = SnapshotLoadParams {

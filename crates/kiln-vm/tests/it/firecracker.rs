@@ -418,6 +418,25 @@ async fn guest_agent_over_vsock_overlay_root_and_snapshot_restore() {
     sh(&*a.vm, "echo a > /etc/kiln-mark && sync").await;
     assert_eq!(sh(&*a.vm, "uname -r").await, image.manifest.kernel_version);
     assert_eq!(sh(&*a.vm, "hostname").await, a.vm.id());
+    // A checkpoint keeps the VM running; what it wrote after is not in the checkpoint.
+    let checkpoints = tempfile::tempdir().unwrap();
+    let checkpoint =
+        a.vm.checkpoint(&checkpoints.path().join("c"))
+            .await
+            .unwrap();
+    sh(&*a.vm, "echo later > /etc/kiln-later && sync").await;
+    let from_checkpoint = provider.restore(&checkpoint).await.unwrap();
+    assert_eq!(sh(&*from_checkpoint.vm, "cat /etc/kiln-mark").await, "a");
+    assert_eq!(
+        sh(
+            &*from_checkpoint.vm,
+            "cat /etc/kiln-later 2>/dev/null || echo none"
+        )
+        .await,
+        "none"
+    );
+    provider.release(&*from_checkpoint.vm).await.unwrap();
+    provider.delete_snapshot(&checkpoint).await.unwrap();
     // Snapshot and restore: the restored VM has the file, a new identity, and works.
     let snapshots = tempfile::tempdir().unwrap();
     let snap = a.vm.snapshot(&snapshots.path().join("s")).await.unwrap();
@@ -688,5 +707,48 @@ async fn api_auto_picks_firecracker_exactly_when_its_probe_boot_works() {
         auto.reason
     );
     assert!(support::data_dir().join("firecracker-kvm.json").is_file());
+    assert_empty(runtime.path());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs KILN_FIRECRACKER_BIN"]
+async fn api_checkpoints_keep_the_vm_running_and_each_loads_on_its_own() {
+    let binary = binary();
+    tokio::task::spawn_blocking(support::default_image)
+        .await
+        .unwrap();
+    let _lock = FC_LOCK.lock().await;
+    let runtime = tempfile::tempdir().unwrap();
+    let snapshots = tempfile::tempdir().unwrap();
+    let provider =
+        FirecrackerProvider::new(config(runtime.path(), binary, Duration::from_secs(60))).unwrap();
+    assert!(provider.supports_checkpoints());
+    let machine = provider.start(&spec()).await.unwrap();
+    let first = machine
+        .checkpoint(&snapshots.path().join("1"))
+        .await
+        .unwrap();
+    assert_eq!(machine.describe().await.unwrap().state, "Running");
+    // The second is a diff against the first, merged into a whole memory file.
+    assert!(machine.saves_diff());
+    let second = machine
+        .checkpoint(&snapshots.path().join("2"))
+        .await
+        .unwrap();
+    assert_eq!(machine.describe().await.unwrap().state, "Running");
+    assert!(
+        machine.dir().join("scratch.ext4").is_file(),
+        "the VM keeps its disk"
+    );
+    machine.release().await.unwrap();
+    // Deleting the first does not break the second.
+    provider.delete_snapshot(&first).await.unwrap();
+    let loaded = provider
+        .load(&second)
+        .await
+        .expect("the second checkpoint loads");
+    assert_eq!(loaded.describe().await.unwrap().state, "Running");
+    loaded.release().await.unwrap();
+    provider.delete_snapshot(&second).await.unwrap();
     assert_empty(runtime.path());
 }
