@@ -1,5 +1,9 @@
 //! Running one command.
 //!
+//! Each exec runs as the user it asks for (see [`crate::user`]): by default the guest's
+//! `runner`, with `HOME`, `USER` and `LOGNAME` set for it; the credentials change in the child
+//! just before `exec`.
+//!
 //! Each exec is a new process group (`setpgid(0, 0)` in the child), so signals reach its whole
 //! tree: a timeout sends SIGTERM to the group, waits [`KILL_GRACE`] for the leader, then sends
 //! SIGKILL to the group regardless, which also kills grandchildren that ignored SIGTERM.
@@ -7,6 +11,16 @@
 //! is reported after both pipes are drained. A pipe stays open while any process of the tree
 //! holds it, so once the leader has exited the pumps only wait [`DRAIN_IDLE`] for more bytes,
 //! and [`DRAIN_MAX`] in all: a background daemon cannot hold the exec open forever.
+//!
+//! # Terminal execs
+//! With [`ExecSpec::pty`] set, the exec gets a fresh pseudo-terminal instead of pipes: the child
+//! calls `setsid` (so it leads a new session and process group, which the kills above still
+//! reach) and makes the terminal its controlling terminal (`TIOCSCTTY`) before `exec`. The agent
+//! keeps the master side: what the command writes travels as `Stdout`; [`PtyEvent`]s from the
+//! host are written to it (input), applied to it (`TIOCSWINSZ`), or turned into a signal for
+//! the terminal's foreground process group (`TIOCGPGRP`), which is whom a real terminal's
+//! Ctrl-C reaches. Reading the master fails with `EIO` once no process holds the terminal
+//! any more: that is its end of file.
 
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
@@ -17,11 +31,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use kiln_proto::{CHUNK_LEN, ExecCommand, ExecSpec, ExitStatus, Message, RequestId, Signal};
+use kiln_proto::{
+    CHUNK_LEN, ExecCommand, ExecSpec, ExitStatus, Message, PtyEvent, RequestId, Signal, WindowSize,
+};
+use rustix::fs::{Mode, OFlags};
 use rustix::process::{Pid, WaitStatus};
-use tokio::io::AsyncReadExt;
-use tokio::sync::{oneshot, watch};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::channel::FdStream;
 use crate::serve::Agent;
 
 /// Between SIGTERM and SIGKILL when a timeout expires.
@@ -39,11 +57,16 @@ pub const BASE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/
 
 static SCRIPT_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-/// Runs `spec` and reports `Started`, output, then `Exit` (or `Error`).
-pub async fn run(agent: Arc<Agent>, spec: ExecSpec) {
+/// Runs `spec` and reports `Started`, output, then `Exit` (or `Error`). `events` carries the
+/// host's [`PtyEvent`]s for a terminal exec.
+pub async fn run(
+    agent: Arc<Agent>,
+    spec: ExecSpec,
+    events: Option<mpsc::UnboundedReceiver<PtyEvent>>,
+) {
     let id = spec.id;
     let mut script = None;
-    let result = run_inner(&agent, spec, &mut script).await;
+    let result = run_inner(&agent, spec, events, &mut script).await;
     if let Some(path) = script {
         let _ = tokio::fs::remove_file(path).await;
     }
@@ -65,9 +88,11 @@ pub async fn run(agent: Arc<Agent>, spec: ExecSpec) {
 async fn run_inner(
     agent: &Arc<Agent>,
     spec: ExecSpec,
+    events: Option<mpsc::UnboundedReceiver<PtyEvent>>,
     script: &mut Option<PathBuf>,
 ) -> Result<ExitStatus, String> {
     let id = spec.id;
+    let identity = agent.identities.for_user(spec.user)?;
     let argv = match spec.command {
         ExecCommand::Argv(argv) => argv,
         ExecCommand::Script {
@@ -85,10 +110,8 @@ async fn run_inner(
         return Err("Cannot run an empty command".to_owned());
     };
 
-    let mut env: Vec<(String, String)> = vec![
-        ("PATH".to_owned(), BASE_PATH.to_owned()),
-        ("HOME".to_owned(), "/root".to_owned()),
-    ];
+    let mut env: Vec<(String, String)> = vec![("PATH".to_owned(), BASE_PATH.to_owned())];
+    env.extend(identity.base_env());
     for (key, value) in spec.env {
         if key.is_empty() || key.contains('=') || key.contains('\0') {
             return Err(format!("Invalid environment variable name {key:?}"));
@@ -113,32 +136,97 @@ async fn run_inner(
     }
 
     let mut command = Command::new(program);
-    command
-        .args(args)
-        .env_clear()
-        .envs(env)
-        .current_dir(&cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    let (mut child, mut status_rx) = agent
-        .reaper
-        .spawn(&mut command)
-        .map_err(|e| format!("Cannot run `{program}`: {e}"))?;
+    command.args(args).env_clear().envs(env).current_dir(&cwd);
+    let mut become_user = identity.pre_exec();
+    let terminal = match spec.pty {
+        None => {
+            command
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .process_group(0);
+            // SAFETY: the closure only makes async-signal-safe system calls (see
+            // `Identity::pre_exec`).
+            unsafe { command.pre_exec(become_user) };
+            None
+        }
+        Some(size) => {
+            let (master, slave) =
+                open_pty(size).map_err(|e| format!("Cannot open a pseudo-terminal: {e}"))?;
+            let dup = |fd: &OwnedFd| {
+                fd.try_clone()
+                    .map_err(|e| format!("Cannot open a pseudo-terminal: {e}"))
+            };
+            command
+                .stdin(Stdio::from(dup(&slave)?))
+                .stdout(Stdio::from(dup(&slave)?))
+                .stderr(Stdio::from(slave));
+            let in_child = move || {
+                rustix::process::setsid()?;
+                // SAFETY: fd 0 is the terminal std has just installed; it stays open until
+                // `exec`.
+                let stdin = unsafe { std::os::fd::BorrowedFd::borrow_raw(0) };
+                rustix::process::ioctl_tiocsctty(stdin)?;
+                become_user()
+            };
+            // SAFETY: setsid, ioctl and the credential calls of `become_user` are
+            // async-signal-safe system calls on values prepared before the fork.
+            unsafe { command.pre_exec(in_child) };
+            Some(master)
+        }
+    };
+    let spawned = agent.reaper.spawn(&mut command);
+    // The child has its copies of the terminal; ours must close, or the master never sees
+    // the end of the session.
+    drop(command);
+    let (mut child, mut status_rx) = spawned.map_err(|e| format!("Cannot run `{program}`: {e}"))?;
     let pid = child.id();
     agent.exec_started(id, pid);
     agent.send(Message::Started { id, pid }).await;
 
     let (exited_tx, exited_rx) = watch::channel(false);
-    let pumps: Vec<_> = [
-        child.stdout.take().map(|p| (OwnedFd::from(p), true)),
-        child.stderr.take().map(|p| (OwnedFd::from(p), false)),
-    ]
-    .into_iter()
-    .flatten()
-    .map(|(fd, stdout)| tokio::spawn(pump(fd, stdout, id, agent.clone(), exited_rx.clone())))
-    .collect();
+    let mut pumps = Vec::new();
+    let mut input_task = None;
+    match terminal {
+        None => {
+            for (pipe, stdout) in [
+                child.stdout.take().map(|p| (OwnedFd::from(p), true)),
+                child.stderr.take().map(|p| (OwnedFd::from(p), false)),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                match tokio::net::unix::pipe::Receiver::from_owned_fd(pipe) {
+                    Ok(pipe) => pumps.push(tokio::spawn(pump(
+                        pipe,
+                        stdout,
+                        id,
+                        agent.clone(),
+                        exited_rx.clone(),
+                    ))),
+                    Err(e) => crate::log!("cannot watch an output pipe: {e}"),
+                }
+            }
+        }
+        Some(master) => {
+            let control = master
+                .try_clone()
+                .map_err(|e| format!("Cannot use the pseudo-terminal: {e}"))?;
+            let stream = FdStream::new(master)
+                .map_err(|e| format!("Cannot use the pseudo-terminal: {e}"))?;
+            let (reader, writer) = tokio::io::split(stream);
+            pumps.push(tokio::spawn(pump(
+                reader,
+                true,
+                id,
+                agent.clone(),
+                exited_rx.clone(),
+            )));
+            if let Some(events) = events {
+                input_task = Some(tokio::spawn(terminal_input(events, writer, control, pid)));
+            }
+        }
+    }
     drop(child);
 
     let status = match spec.timeout_ms {
@@ -167,7 +255,72 @@ async fn run_inner(
     for pump in pumps {
         let _ = pump.await;
     }
+    if let Some(task) = input_task {
+        task.abort();
+    }
     status
+}
+
+/// A new pseudo-terminal of `size`: the master (non-blocking, for the agent) and the slave
+/// (for the child; opened without becoming the agent's controlling terminal).
+fn open_pty(size: WindowSize) -> std::io::Result<(OwnedFd, OwnedFd)> {
+    use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
+    grantpt(&master)?;
+    unlockpt(&master)?;
+    let name = ptsname(&master, Vec::new())?;
+    let slave = rustix::fs::open(
+        name.as_c_str(),
+        OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    set_window_size(&master, size)?;
+    rustix::fs::fcntl_setfl(&master, OFlags::RDWR | OFlags::NONBLOCK)?;
+    Ok((master.into(), slave))
+}
+
+fn set_window_size(fd: impl std::os::fd::AsFd, size: WindowSize) -> std::io::Result<()> {
+    let winsize = rustix::termios::Winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    Ok(rustix::termios::tcsetwinsize(fd, winsize)?)
+}
+
+/// Applies the host's terminal events to the master until the exec ends (the task is
+/// aborted) or the host stops sending.
+async fn terminal_input(
+    mut events: mpsc::UnboundedReceiver<PtyEvent>,
+    mut master: tokio::io::WriteHalf<FdStream>,
+    control: OwnedFd,
+    session: u32,
+) {
+    while let Some(event) = events.recv().await {
+        match event {
+            PtyEvent::Input(data) => {
+                if let Err(e) = master.write_all(&data).await {
+                    crate::log!("cannot write to a terminal: {e}");
+                    return;
+                }
+            }
+            PtyEvent::Resize(size) => {
+                if let Err(e) = set_window_size(&control, size) {
+                    crate::log!("cannot resize a terminal: {e}");
+                }
+            }
+            PtyEvent::Signal(signal) => {
+                // Whom the terminal would signal: its foreground job, else the session.
+                match rustix::termios::tcgetpgrp(&control) {
+                    Ok(group) => {
+                        let _ = rustix::process::kill_process_group(group, to_rustix(signal));
+                    }
+                    Err(_) => kill_group(session, signal),
+                }
+            }
+        }
+    }
 }
 
 async fn wait_status(rx: &mut oneshot::Receiver<WaitStatus>) -> Result<ExitStatus, String> {
@@ -187,22 +340,16 @@ fn to_exit_status(status: WaitStatus) -> ExitStatus {
     }
 }
 
-/// Forwards one pipe's bytes as `Stdout`/`Stderr` frames until EOF, or until the leader has
-/// exited and nothing arrives for [`DRAIN_IDLE`] (or [`DRAIN_MAX`] has passed).
+/// Forwards one pipe's (or a terminal's) bytes as `Stdout`/`Stderr` frames until EOF (or a
+/// read error: `EIO` is a terminal's end), or until the leader has exited and nothing arrives
+/// for [`DRAIN_IDLE`] (or [`DRAIN_MAX`] has passed).
 async fn pump(
-    fd: OwnedFd,
+    mut pipe: impl AsyncRead + Unpin,
     stdout: bool,
     id: RequestId,
     agent: Arc<Agent>,
     mut exited: watch::Receiver<bool>,
 ) {
-    let mut pipe = match tokio::net::unix::pipe::Receiver::from_owned_fd(fd) {
-        Ok(pipe) => pipe,
-        Err(e) => {
-            crate::log!("cannot watch an output pipe: {e}");
-            return;
-        }
-    };
     let mut buf = vec![0u8; CHUNK_LEN];
     let mut leader_gone = false;
     let mut drain_deadline = None;

@@ -1,5 +1,9 @@
 //! File transfers: `Put` (host to guest) and `Get` (guest to host).
 //!
+//! What a `Put` creates (the file, the tree's entries, missing parent directories) belongs to
+//! the default exec user (the guest's `runner`), so steps can write to what the host laid out
+//! for them; files that already existed keep their owner.
+//!
 //! A plain file travels as its bytes, a directory as a tar stream (see
 //! `kiln_proto::transfer`). The synchronous file and tar work runs on blocking threads that
 //! exchange chunks with the async side through bounded channels.
@@ -10,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use kiln_proto::transfer::{ChunkReader, ChunkWriter, mode_of, pack_tree, unpack_tree};
+use kiln_proto::transfer::{
+    ChunkReader, ChunkWriter, create_dirs_owned, mode_of, pack_tree, unpack_tree_owned,
+};
 use kiln_proto::{CHUNK_LEN, GetKind, Message, PutKind, RequestId};
 use tokio::sync::mpsc;
 
@@ -29,11 +35,12 @@ pub async fn put(
         Ok(target) => target,
         Err(message) => return fail(&agent, id, message).await,
     };
+    let owner = agent.identities.file_owner();
     let result = tokio::task::spawn_blocking(move || {
         let reader = ChunkReader::new(chunks);
         match kind {
-            PutKind::File { mode } => write_file(reader, &target, mode),
-            PutKind::Tree => unpack_tree(reader, &target),
+            PutKind::File { mode } => write_file(reader, &target, mode, owner),
+            PutKind::Tree => unpack_tree_owned(reader, &target, owner),
         }
     })
     .await
@@ -45,11 +52,22 @@ pub async fn put(
     }
 }
 
-fn write_file(mut reader: ChunkReader, target: &Path, mode: u32) -> io::Result<()> {
+fn write_file(
+    mut reader: ChunkReader,
+    target: &Path,
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> io::Result<()> {
     if let Some(parent) = target.parent() {
-        std::fs::create_dir_all(parent)?;
+        create_dirs_owned(parent, owner)?;
     }
+    let existed = target.symlink_metadata().is_ok();
     let mut file = std::fs::File::create(target)?;
+    if let Some((uid, gid)) = owner
+        && !existed
+    {
+        std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+    }
     io::copy(&mut reader, &mut file)?;
     file.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))?;
     file.sync_data()

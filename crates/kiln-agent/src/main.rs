@@ -37,6 +37,7 @@ mod net;
 mod reaper;
 mod serve;
 mod system;
+mod user;
 mod vsock;
 
 use std::process::ExitCode;

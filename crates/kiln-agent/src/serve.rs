@@ -12,12 +12,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use kiln_proto::{
     Clock, FrameReader, FrameWriter, HelloAckInfo, KillTarget, Message, PROTOCOL_VERSION,
-    ProtoError, RequestId, Signal, decode_payload, peek_version,
+    ProtoError, PtyEvent, RequestId, Signal, decode_payload, peek_version,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
 use crate::reaper::Reaper;
+use crate::user::Identities;
 use crate::{exec, files, log, system};
 
 /// Errors that end a connection.
@@ -48,18 +49,22 @@ pub struct Agent {
     pub reaper: Arc<Reaper>,
     /// Whether the agent is PID 1 (and manages the system).
     pub pid1: bool,
+    /// Whom execs run as.
+    pub identities: Identities,
     /// Execs from their request to their exit.
     execs: Mutex<HashMap<RequestId, ExecEntry>>,
 }
 
 /// One exec's kill bookkeeping. A kill that arrives before the process exists (the exec task
 /// has not spawned it yet) is remembered and delivered as soon as it does.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default)]
 struct ExecEntry {
     /// The process group, once spawned.
     pgid: Option<u32>,
     /// A signal requested before the spawn.
     pending: Option<Signal>,
+    /// Where a terminal exec takes the host's terminal events (queued until it runs).
+    terminal: Option<mpsc::UnboundedSender<PtyEvent>>,
 }
 
 impl Agent {
@@ -68,9 +73,24 @@ impl Agent {
         self.execs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records an exec as soon as it is requested, so a kill can never miss it.
-    pub fn exec_requested(&self, id: RequestId) {
-        self.execs().insert(id, ExecEntry::default());
+    /// Records an exec as soon as it is requested, so a kill (or terminal input) can never
+    /// miss it.
+    pub fn exec_requested(&self, id: RequestId, terminal: Option<mpsc::UnboundedSender<PtyEvent>>) {
+        self.execs().insert(
+            id,
+            ExecEntry {
+                terminal,
+                ..ExecEntry::default()
+            },
+        );
+    }
+
+    /// Hands a terminal event to its exec; one for an exec without a terminal, or one that has
+    /// ended, is dropped.
+    pub fn terminal_event(&self, id: RequestId, event: PtyEvent) {
+        if let Some(tx) = self.execs().get(&id).and_then(|e| e.terminal.as_ref()) {
+            let _ = tx.send(event);
+        }
     }
 
     /// Records a spawned exec's process group, delivering a kill that came before.
@@ -141,11 +161,11 @@ where
     tokio::pin!(stop);
     let greeted = tokio::select! {
         greeted = hello(&mut reader, &mut writer, pid1) => greeted?,
-        () = &mut stop => false,
+        () = &mut stop => None,
     };
-    if !greeted {
+    let Some(identities) = greeted else {
         return Ok(ServeEnd::Closed);
-    }
+    };
 
     let (out_tx, out_rx) = mpsc::channel(64);
     let writer_task = tokio::spawn(write_loop(writer, out_rx));
@@ -153,6 +173,7 @@ where
         out: out_tx,
         reaper,
         pid1,
+        identities,
         execs: Mutex::new(HashMap::new()),
     });
     let mut uploads: HashMap<RequestId, mpsc::Sender<Bytes>> = HashMap::new();
@@ -190,9 +211,17 @@ where
         };
         match message {
             Message::Exec(spec) => {
-                agent.exec_requested(spec.id);
-                tokio::spawn(exec::run(agent.clone(), spec));
+                let (terminal, events) = match spec.pty {
+                    Some(_) => {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        (Some(tx), Some(rx))
+                    }
+                    None => (None, None),
+                };
+                agent.exec_requested(spec.id, terminal);
+                tokio::spawn(exec::run(agent.clone(), spec, events));
             }
+            Message::Pty { id, event } => agent.terminal_event(id, event),
             Message::Kill { id, target, signal } => {
                 agent.kill(target, signal);
                 agent.send(Message::Done { id }).await;
@@ -255,7 +284,7 @@ where
                 agent
                     .send(Message::HelloAck {
                         version: PROTOCOL_VERSION,
-                        info: ack_info(pid1),
+                        info: ack_info(pid1, &agent.identities),
                     })
                     .await;
             }
@@ -294,18 +323,19 @@ async fn stop_everything(agent: &Agent) {
     agent.kill(KillTarget::All, Signal::Kill);
 }
 
-/// Handles the first frame. `Ok(false)` when the stream ended before any frame.
+/// Handles the first frame; returns the users execs will run as, or `None` when the stream
+/// ended before any frame.
 async fn hello<R, W>(
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
     pid1: bool,
-) -> Result<bool, ServeError>
+) -> Result<Option<Identities>, ServeError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let Some(payload) = reader.next_payload().await? else {
-        return Ok(false);
+        return Ok(None);
     };
     let reject = |message: String| Message::Error { id: None, message };
     match peek_version(&payload) {
@@ -337,22 +367,31 @@ where
     if pid1 {
         apply_system_settings(clock, hostname.as_deref());
     }
+    // After switch_root and the mounts: the guest's own /etc/passwd.
+    let identities = Identities::resolve(pid1);
+    if let Some(reason) = &identities.fallback
+        && pid1
+    {
+        log!("{reason}");
+    }
     writer
         .send(&Message::HelloAck {
             version: PROTOCOL_VERSION,
-            info: ack_info(pid1),
+            info: ack_info(pid1, &identities),
         })
         .await?;
-    Ok(true)
+    Ok(Some(identities))
 }
 
 /// What the agent says about itself in a `HelloAck`.
-fn ack_info(pid1: bool) -> HelloAckInfo {
+fn ack_info(pid1: bool, identities: &Identities) -> HelloAckInfo {
     HelloAckInfo {
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         kernel: system::kernel_release(),
         pid1,
         pid: std::process::id(),
+        user: identities.runner.info.clone(),
+        user_fallback: identities.fallback.clone(),
     }
 }
 

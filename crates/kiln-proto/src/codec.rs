@@ -267,7 +267,10 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::{Clock, ExecCommand, ExecSpec, ExitStatus, PROTOCOL_VERSION};
+    use crate::{
+        Clock, ExecCommand, ExecSpec, ExecUser, ExitStatus, PROTOCOL_VERSION, PtyEvent, Signal,
+        WindowSize,
+    };
 
     fn frame(message: &Message) -> BytesMut {
         let mut buf = BytesMut::new();
@@ -295,7 +298,21 @@ mod tests {
                 env: vec![("A".into(), "b".into())],
                 cwd: Some("/w".into()),
                 timeout_ms: Some(1000),
+                user: ExecUser::Root,
+                pty: Some(WindowSize { rows: 24, cols: 80 }),
             }),
+            Message::Pty {
+                id: 7,
+                event: PtyEvent::Input(Bytes::from_static(b"\x03")),
+            },
+            Message::Pty {
+                id: 7,
+                event: PtyEvent::Resize(WindowSize { rows: 50, cols: 132 }),
+            },
+            Message::Pty {
+                id: 7,
+                event: PtyEvent::Signal(Signal::Int),
+            },
             Message::Stdout {
                 id: 7,
                 data: Bytes::from_static(b"\0\xffbytes"),
@@ -453,6 +470,58 @@ mod tests {
             let _ = peek_version(&payload);
         }
 
+        /// Every terminal message round-trips, whatever its contents.
+        #[test]
+        fn pty_messages_round_trip(
+            id in any::<u64>(),
+            kind in 0u8..3,
+            data in proptest::collection::vec(any::<u8>(), 0..2048),
+            rows in any::<u16>(),
+            cols in any::<u16>(),
+            signal in 0usize..7,
+        ) {
+            let signals = [Signal::Term, Signal::Kill, Signal::Int, Signal::Hup, Signal::Quit, Signal::Usr1, Signal::Usr2];
+            let event = match kind {
+                0 => PtyEvent::Input(Bytes::from(data)),
+                1 => PtyEvent::Resize(WindowSize { rows, cols }),
+                _ => PtyEvent::Signal(signals[signal]),
+            };
+            let message = Message::Pty { id, event };
+            let mut buf = frame(&message);
+            let got = FrameCodec::new().decode(&mut buf).expect("no hard error").expect("a frame");
+            prop_assert_eq!(got.expect("decodes"), message);
+            prop_assert!(buf.is_empty());
+        }
+
+        /// A terminal exec request and a Pty frame, truncated or with one byte changed, decode
+        /// to something or to Malformed; never a panic.
+        #[test]
+        fn decoder_survives_mutated_pty_frames(
+            index in any::<prop::sample::Index>(),
+            byte in any::<u8>(),
+            cut in any::<prop::sample::Index>(),
+            rows in any::<u16>(),
+        ) {
+            let mut buf = frame(&Message::Exec(ExecSpec {
+                id: 3,
+                command: ExecCommand::Argv(vec!["bash".into()]),
+                env: vec![("TERM".into(), "xterm".into())],
+                cwd: Some("/w".into()),
+                timeout_ms: None,
+                user: ExecUser::Runner,
+                pty: Some(WindowSize { rows, cols: 80 }),
+            }));
+            buf.extend_from_slice(&frame(&Message::Pty {
+                id: 3,
+                event: PtyEvent::Input(Bytes::from_static(b"echo hi\r")),
+            }));
+            let i = index.index(buf.len());
+            buf[i] = byte;
+            buf.truncate(cut.index(buf.len() + 1));
+            let mut codec = FrameCodec::new();
+            while let Ok(Some(_)) = codec.decode(&mut buf) {}
+        }
+
         /// Mutating one byte of a valid frame never panics.
         #[test]
         fn decoder_survives_mutated_frames(index in any::<prop::sample::Index>(), byte in any::<u8>(), id in any::<u64>()) {
@@ -462,6 +531,8 @@ mod tests {
                 env: vec![("K".into(), "V".into())],
                 cwd: None,
                 timeout_ms: Some(5),
+                user: ExecUser::Runner,
+                pty: None,
             }));
             let i = index.index(buf.len());
             buf[i] = byte;

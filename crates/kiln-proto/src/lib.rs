@@ -27,11 +27,12 @@
 //! ```text
 //! host                                   agent
 //! Hello{version, clock, hostname}  ->
-//!                                  <-    HelloAck{version, agent, kernel, pid1}
+//!                                  <-    HelloAck{version, agent, kernel, pid1, user}
 //!                                        (or Error naming both versions, then EOF)
-//! Exec{id, ..}                     ->
+//! Exec{id, user, pty, ..}          ->
 //!                                  <-    Started{id, pid}
 //!                                  <-    Stdout{id, ..} / Stderr{id, ..} ... (as produced)
+//! Pty{id, Input|Resize|Signal}     ->    (terminal execs only; not answered)
 //!                                  <-    Exit{id, status}     (after all output of id)
 //! Kill{id, target, signal}         ->
 //!                                  <-    Done{id}
@@ -45,6 +46,13 @@
 //! Shutdown{id}                     ->
 //!                                  <-    Done{id}, then the guest powers off
 //! ```
+//! # Users and terminals
+//! An exec runs as the agent's default user, the guest's `runner` (passwordless sudo, as on
+//! GitHub's hosted runners), or as root when [`ExecSpec::user`] asks for it; the hello reply
+//! names the default user, and says why when it had to fall back (no `runner` in the guest:
+//! root; `--stdio`: the agent's own user). An exec with [`ExecSpec::pty`] set gets a fresh
+//! pseudo-terminal instead of pipes; it is the foundation of `kiln debug`.
+//!
 //! Every request carries an `id` chosen by the host, unique for the connection; the agent tags
 //! every reply with it, so several execs and transfers can be in flight at once. File contents
 //! travel as [`Message::Chunk`]s of at most [`CHUNK_LEN`] bytes: a plain file as its bytes, a
@@ -68,12 +76,15 @@ pub use codec::{
     split_frame,
 };
 pub use message::{
-    Clock, ExecCommand, ExecSpec, ExitStatus, GetKind, HelloAckInfo, KillTarget, Message, PutKind,
-    RequestId, Signal,
+    Clock, ExecCommand, ExecSpec, ExecUser, ExitStatus, GetKind, HelloAckInfo, KillTarget, Message,
+    PtyEvent, PutKind, RequestId, Signal, UserInfo, WindowSize,
 };
 
 /// The protocol version this build speaks. Bump it on any change to [`Message`].
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// History: 1, the first; 2, execs run as a user ([`ExecSpec::user`], [`HelloAckInfo::user`])
+/// and on a pseudo-terminal ([`ExecSpec::pty`], [`Message::Pty`]).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest payload a frame may carry (4 MiB). Covers any exec request the kernel could run
 /// (argv + environment are capped at a few MiB by Linux) with room for a large script.

@@ -131,6 +131,15 @@ pub enum Message {
         /// This request (answered with [`Message::Done`] before powering off).
         id: RequestId,
     },
+    /// Host -> agent: input for a running terminal exec (one whose [`ExecSpec::pty`] is set).
+    /// Not answered: keystrokes must not wait for a round trip. An exec that has ended, or that
+    /// has no terminal, ignores it.
+    Pty {
+        /// The exec.
+        id: RequestId,
+        /// What happened at the host's terminal.
+        event: PtyEvent,
+    },
 }
 
 impl Message {
@@ -153,7 +162,8 @@ impl Message {
             | Message::Done { id }
             | Message::Ping { id }
             | Message::Pong { id }
-            | Message::Shutdown { id } => Some(*id),
+            | Message::Shutdown { id }
+            | Message::Pty { id, .. } => Some(*id),
         }
     }
 }
@@ -191,6 +201,24 @@ pub struct HelloAckInfo {
     pub pid1: bool,
     /// The agent's process id.
     pub pid: u32,
+    /// Whom execs run as by default ([`ExecUser::Runner`]).
+    pub user: UserInfo,
+    /// Why [`HelloAckInfo::user`] is not the guest's `runner` user, when it is not (for example
+    /// an image without one, where execs fall back to root).
+    pub user_fallback: Option<String>,
+}
+
+/// A user execs run as.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserInfo {
+    /// The login name, e.g. `runner`.
+    pub name: String,
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Home directory: `HOME` of its execs, and their working directory when none is given.
+    pub home: String,
 }
 
 /// A command to run.
@@ -206,6 +234,45 @@ pub struct ExecSpec {
     pub cwd: Option<String>,
     /// Kill the process group after this many milliseconds.
     pub timeout_ms: Option<u64>,
+    /// Whom to run as.
+    pub user: ExecUser,
+    /// Run on a new pseudo-terminal of this size instead of pipes: the command is a session
+    /// leader with the terminal as its controlling terminal and as its stdin, stdout and
+    /// stderr. Everything it writes arrives as [`Message::Stdout`]; input, resizes and signals
+    /// go to it as [`Message::Pty`].
+    pub pty: Option<WindowSize>,
+}
+
+/// Whom an exec runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum ExecUser {
+    /// The agent's default user ([`HelloAckInfo::user`]): the guest's unprivileged `runner`
+    /// (with passwordless sudo) where it exists.
+    #[default]
+    Runner,
+    /// root, for the host's own housekeeping. Refused by an agent that is not root itself.
+    Root,
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowSize {
+    /// Lines.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
+/// What a [`Message::Pty`] carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PtyEvent {
+    /// Bytes typed at the host's terminal, written to the terminal's input as they are (in raw
+    /// mode, Ctrl-C is the byte 0x03 and the guest's line discipline turns it into SIGINT).
+    Input(Bytes),
+    /// The host's terminal changed size (`TIOCSWINSZ`; the foreground job gets `SIGWINCH`).
+    Resize(WindowSize),
+    /// Send a signal to the terminal's foreground process group, as the terminal itself would.
+    Signal(Signal),
 }
 
 /// What an exec runs.

@@ -106,14 +106,78 @@ pub fn pack_tree(dir: &Path, out: impl Write) -> io::Result<()> {
 
 /// Unpacks a tar stream into `dest` (created if missing), keeping modes and modification times.
 pub fn unpack_tree(input: impl Read, dest: &Path) -> io::Result<()> {
-    std::fs::create_dir_all(dest)?;
+    unpack_tree_owned(input, dest, None)
+}
+
+/// [`unpack_tree`], giving everything it creates (the missing directories up to `dest`
+/// included) to `owner` (uid, gid), when set. Symlinks themselves are chowned, never their
+/// targets; existing directories on the way to `dest` keep their owner.
+pub fn unpack_tree_owned(
+    input: impl Read,
+    dest: &Path,
+    owner: Option<(u32, u32)>,
+) -> io::Result<()> {
+    create_dirs_owned(dest, owner)?;
     let mut archive = tar::Archive::new(input);
     archive.set_preserve_permissions(true);
     archive.set_preserve_mtime(true);
     archive.set_overwrite(true);
     archive.set_unpack_xattrs(false);
     archive.set_preserve_ownerships(false);
-    archive.unpack(dest)
+    let Some(owner) = owner else {
+        return archive.unpack(dest);
+    };
+    // What `Archive::unpack` does, plus the chown of each entry right after it is unpacked (and
+    // its path checked). Directories go last, deepest first, so a read-only directory's mode
+    // is applied after its contents are in.
+    let mut directories = Vec::new();
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        if entry.header().entry_type() == tar::EntryType::Directory {
+            directories.push(entry);
+        } else {
+            unpack_entry_owned(&mut entry, dest, owner)?;
+        }
+    }
+    directories.sort_by(|a, b| b.path_bytes().cmp(&a.path_bytes()));
+    for mut directory in directories {
+        unpack_entry_owned(&mut directory, dest, owner)?;
+    }
+    Ok(())
+}
+
+fn unpack_entry_owned<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    dest: &Path,
+    owner: (u32, u32),
+) -> io::Result<()> {
+    let path = entry.path()?.into_owned();
+    // `false`: the entry was refused (it would land outside `dest`), so there is nothing to own.
+    if entry.unpack_in(dest)? {
+        std::os::unix::fs::lchown(dest.join(path), Some(owner.0), Some(owner.1))?;
+    }
+    Ok(())
+}
+
+/// `create_dir_all`, giving each directory it creates to `owner` when set.
+pub fn create_dirs_owned(path: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
+    let Some(owner) = owner else {
+        return std::fs::create_dir_all(path);
+    };
+    let mut missing = Vec::new();
+    let mut at = Some(path);
+    while let Some(dir) = at {
+        if dir.as_os_str().is_empty() || dir.symlink_metadata().is_ok() {
+            break;
+        }
+        missing.push(dir);
+        at = dir.parent();
+    }
+    std::fs::create_dir_all(path)?;
+    for dir in missing.into_iter().rev() {
+        std::os::unix::fs::lchown(dir, Some(owner.0), Some(owner.1))?;
+    }
+    Ok(())
 }
 
 /// The permission bits of a file's metadata.
@@ -181,6 +245,40 @@ mod tests {
             std::fs::read_link(out.join("link")).expect("readlink"),
             Path::new("a/b/run.sh")
         );
+    }
+
+    #[test]
+    fn owned_unpack_gives_created_entries_to_the_owner_and_keeps_modes() {
+        let src = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(src.path().join("a/ro")).expect("mkdir");
+        std::fs::write(src.path().join("a/ro/f"), "x").expect("write");
+        std::os::unix::fs::symlink("/nonexistent", src.path().join("dangling")).expect("link");
+        std::fs::set_permissions(src.path().join("a/ro"), std::fs::Permissions::from_mode(0o555))
+            .expect("chmod");
+        let mut data = Vec::new();
+        pack_tree(src.path(), &mut data).expect("packs");
+        let root = tempfile::tempdir().expect("tempdir");
+        let dest = root.path().join("new/dest");
+        // Our own ids (those of a directory we made): the only owner a test that may not run
+        // as root can give.
+        use std::os::unix::fs::MetadataExt;
+        let made = std::fs::metadata(root.path()).expect("stat");
+        let me = (made.uid(), made.gid());
+        unpack_tree_owned(&data[..], &dest, Some(me)).expect("unpacks");
+        for path in ["new", "new/dest", "new/dest/a", "new/dest/a/ro", "new/dest/a/ro/f"] {
+            let meta = std::fs::symlink_metadata(root.path().join(path)).expect("stat");
+            assert_eq!((meta.uid(), meta.gid()), me, "{path}");
+        }
+        assert!(
+            std::fs::symlink_metadata(dest.join("dangling"))
+                .expect("the symlink is kept")
+                .is_symlink()
+        );
+        let mode = std::fs::metadata(dest.join("a/ro")).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o555);
+        assert_eq!(std::fs::read(dest.join("a/ro/f")).expect("read"), b"x");
+        std::fs::set_permissions(dest.join("a/ro"), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod back for cleanup");
     }
 
     #[test]

@@ -71,6 +71,7 @@ fn true_request() -> ExecRequest {
         env: Vec::new(),
         cwd: None,
         timeout: Some(Duration::from_secs(30)),
+        user: kiln_vm::ExecUser::Runner,
     }
 }
 

@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod postgres;
+pub mod terminal;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -40,7 +40,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::{Command, ExecOutcome, ExecRequest, ExitStatus, Output, OutputSink, Stream, VmError};
+use crate::{
+    Command, ExecOutcome, ExecRequest, ExecUser, ExitStatus, Output, OutputSink, PtyDriver,
+    PtyRequest, PtySession, Stream, VmError,
+};
 
 /// How long [`GuestClient::connect`] waits for the agent's hello.
 pub const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(60);
@@ -391,6 +394,11 @@ impl GuestClient {
         })
         .await
         .map_err(|_| GuestError::HelloTimeout(options.hello_timeout))??;
+        if info.pid1
+            && let Some(reason) = &info.user_fallback
+        {
+            tracing::warn!(vm = %options.vm_id, "Commands in this VM run as {}: {reason}", info.user.name);
+        }
 
         let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
         let shared = Arc::new(Shared {
@@ -463,26 +471,16 @@ impl GuestClient {
             armed: true,
         };
         let timeout = request.timeout;
-        let command = match request.command {
-            Command::Argv(argv) => ExecCommand::Argv(argv),
-            Command::Script {
-                shell,
-                script,
-                extension,
-            } => ExecCommand::Script {
-                shell,
-                script,
-                extension,
-            },
-        };
         let started = Instant::now();
         shared
             .send(Message::Exec(ExecSpec {
                 id,
-                command,
+                command: wire_command(request.command),
                 env: request.env,
                 cwd: request.cwd,
                 timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+                user: wire_user(request.user),
+                pty: None,
             }))
             .await?;
         let result = match timeout {
@@ -502,21 +500,49 @@ impl GuestClient {
             None => done_rx.await,
         };
         guard.armed = false;
-        let status = match result {
-            Ok(Ok(status)) => status,
-            Ok(Err(message)) => return Err(shared.guest_error(message)),
-            Err(_) => {
-                return Err(shared.guest_error(format!("The channel closed: {}", shared.reason())));
-            }
-        };
         Ok(ExecOutcome {
-            status: match status {
-                kiln_proto::ExitStatus::Exited(code) => ExitStatus::Exited(code),
-                kiln_proto::ExitStatus::Signaled(signal) => ExitStatus::Signaled(signal),
-                kiln_proto::ExitStatus::TimedOut => ExitStatus::TimedOut,
-            },
+            status: exit_status(shared, result)?,
             duration: started.elapsed(),
         })
+    }
+
+    /// Runs a command on a new pseudo-terminal in the guest (see [`crate::Vm::exec_pty`]).
+    ///
+    /// A task relays the session: output and the exit from the agent to the [`PtySession`],
+    /// its writer's events to the agent as `Pty` frames (never waiting for an answer). When
+    /// the session is dropped first, the task kills the command's process group.
+    pub async fn exec_pty(&self, request: PtyRequest) -> Result<PtySession, VmError> {
+        let shared = self.shared.clone();
+        let id = shared.next_id();
+        let (sink, output) = mpsc::unbounded_channel();
+        let (done_tx, done) = oneshot::channel();
+        shared.register(
+            id,
+            Route::Exec {
+                sink,
+                done: done_tx,
+            },
+        )?;
+        let mut guard = KillOnDrop {
+            shared: shared.clone(),
+            id,
+            armed: true,
+        };
+        shared
+            .send(Message::Exec(ExecSpec {
+                id,
+                command: wire_command(request.command),
+                env: request.env,
+                cwd: request.cwd,
+                timeout_ms: None,
+                user: wire_user(request.user),
+                pty: Some(request.size),
+            }))
+            .await?;
+        guard.armed = false;
+        let (session, driver) = PtySession::channel(&shared.vm);
+        tokio::spawn(relay_pty(shared, id, driver, output, done));
+        Ok(session)
     }
 
     /// Sends `signal` to the process groups of every running exec (under PID 1: to every
@@ -833,6 +859,91 @@ impl GuestClient {
     }
 }
 
+/// The wire form of a command.
+fn wire_command(command: Command) -> ExecCommand {
+    match command {
+        Command::Argv(argv) => ExecCommand::Argv(argv),
+        Command::Script {
+            shell,
+            script,
+            extension,
+        } => ExecCommand::Script {
+            shell,
+            script,
+            extension,
+        },
+    }
+}
+
+fn wire_user(user: ExecUser) -> kiln_proto::ExecUser {
+    match user {
+        ExecUser::Runner => kiln_proto::ExecUser::Runner,
+        ExecUser::Root => kiln_proto::ExecUser::Root,
+    }
+}
+
+/// The exit status an exec's route delivered, or the error that ended it.
+fn exit_status(
+    shared: &Shared,
+    result: Result<Result<kiln_proto::ExitStatus, String>, oneshot::error::RecvError>,
+) -> Result<ExitStatus, VmError> {
+    match result {
+        Ok(Ok(status)) => Ok(match status {
+            kiln_proto::ExitStatus::Exited(code) => ExitStatus::Exited(code),
+            kiln_proto::ExitStatus::Signaled(signal) => ExitStatus::Signaled(signal),
+            kiln_proto::ExitStatus::TimedOut => ExitStatus::TimedOut,
+        }),
+        Ok(Err(message)) => Err(shared.guest_error(message)),
+        Err(_) => Err(shared.guest_error(format!("The channel closed: {}", shared.reason()))),
+    }
+}
+
+/// Relays one terminal exec between the agent and its [`PtySession`].
+async fn relay_pty(
+    shared: Arc<Shared>,
+    id: RequestId,
+    driver: PtyDriver,
+    mut output: mpsc::UnboundedReceiver<Output>,
+    mut done: oneshot::Receiver<Result<kiln_proto::ExitStatus, String>>,
+) {
+    let PtyDriver {
+        mut events,
+        output: to_session,
+        exit,
+        mut cancelled,
+    } = driver;
+    let mut kill = KillOnDrop {
+        shared: shared.clone(),
+        id,
+        armed: true,
+    };
+    let result = loop {
+        tokio::select! {
+            Some(chunk) = output.recv() => {
+                let _ = to_session.send(chunk.data);
+            }
+            Some(event) = events.recv() => {
+                if shared.send(Message::Pty { id, event }).await.is_err() {
+                    // The channel is gone; `done` reports why.
+                    continue;
+                }
+            }
+            result = &mut done => break result,
+            // The session was dropped: `kill` fires on return.
+            _ = &mut cancelled => return,
+        }
+    };
+    kill.armed = false;
+    // The route delivers output before the exit, so what is left is already queued.
+    while let Ok(chunk) = output.try_recv() {
+        let _ = to_session.send(chunk.data);
+    }
+    drop(to_session);
+    // Writers fail from now on, before anyone can see the exit.
+    drop(events);
+    let _ = exit.send(exit_status(&shared, result));
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum DownloadKind {
     File { mode: u32 },
@@ -1134,6 +1245,13 @@ mod tests {
                         kernel: "6.1".into(),
                         pid1: true,
                         pid: 1,
+                        user: kiln_proto::UserInfo {
+                            name: "runner".into(),
+                            uid: 1001,
+                            gid: 1001,
+                            home: "/home/runner".into(),
+                        },
+                        user_fallback: None,
                     },
                 })
                 .await
@@ -1200,6 +1318,7 @@ mod tests {
             env: Vec::new(),
             cwd: None,
             timeout: None,
+            user: ExecUser::Runner,
         };
         let (a, b, ()) = tokio::join!(
             client.exec(request.clone(), tx_a),
@@ -1223,6 +1342,7 @@ mod tests {
             env: Vec::new(),
             cwd: None,
             timeout: None,
+            user: ExecUser::Runner,
         };
         let peer = async {
             assert!(matches!(next(&mut reader).await, Message::Exec(_)));
@@ -1248,6 +1368,7 @@ mod tests {
             env: Vec::new(),
             cwd: None,
             timeout: None,
+            user: ExecUser::Runner,
         };
         let exec_id = {
             let exec = client.exec(request, tx);

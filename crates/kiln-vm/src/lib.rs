@@ -20,9 +20,23 @@
 //! directory in the guest that belongs to the runner; everything the runner lays out for a
 //! session (workspace, temp files, file-command files) lives under it.
 //!
+//! # Users
+//! In a guest, commands run as the unprivileged `runner` user (passwordless sudo, as on GitHub's
+//! hosted runners) unless an [`ExecRequest`] asks for [`ExecUser::Root`], which is for kiln's own
+//! housekeeping; files kiln writes into a guest belong to `runner`. A guest image without that
+//! user runs everything as root, and the backend says so when the VM starts. The local backend
+//! runs everything as the invoking user.
+//!
+//! # Terminals
+//! [`Vm::exec_pty`] runs a command on a pseudo-terminal (the foundation of `kiln debug`): a
+//! [`PtySession`] carries its output, takes input, window sizes and signals through a
+//! [`PtyWriter`], and reports the exit status. Backends without it return
+//! [`VmError::Unsupported`].
+//!
 //! # Cancellation
-//! Dropping the future returned by [`Vm::exec`] kills the command's whole process group. Releasing
-//! a VM kills everything it still runs. Both are guaranteed even when the caller panics.
+//! Dropping the future returned by [`Vm::exec`] (or a [`PtySession`]) kills the command's whole
+//! process group. Releasing a VM kills everything it still runs. Both are guaranteed even when
+//! the caller panics.
 
 #![warn(missing_docs)]
 
@@ -31,6 +45,7 @@ pub mod firecracker;
 pub mod guest;
 pub mod image;
 pub mod local;
+mod pty;
 pub mod qemu;
 
 use std::fmt;
@@ -42,6 +57,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use factory::{BackendConfig, BackendKind, Selection, select_backend};
+/// The signals a host may send to a command, a terminal's size, and what a [`PtyWriter`] asks
+/// of a terminal: the guest protocol's own types, which every backend uses as they are.
+pub use kiln_proto::{PtyEvent, Signal, WindowSize};
 
 /// What a session asks of a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,6 +212,18 @@ pub trait Vm: Send + Sync + fmt::Debug + 'static {
     /// Kills everything and frees every host resource of the VM. Idempotent.
     async fn release(&self) -> Result<(), VmError>;
 
+    /// Runs a command on a new pseudo-terminal and returns at once with its session: the
+    /// command leads a new session with the terminal as its controlling terminal, in
+    /// `request.cwd` (else [`Vm::work_root`]) with `request.env` on top of the VM's base
+    /// environment. See [`PtySession`] for input, resizes, signals, output and the exit.
+    async fn exec_pty(&self, request: PtyRequest) -> Result<PtySession, VmError> {
+        let _ = request;
+        Err(VmError::Unsupported {
+            backend: self.backend(),
+            what: "Interactive terminals".to_owned(),
+        })
+    }
+
     /// Saves the whole VM (memory, devices, disk) under `dest`, a directory that must not exist
     /// yet, and stops it: the VM is spent afterwards and only [`Vm::release`] is left to call.
     async fn snapshot(&self, dest: &Path) -> Result<VmSnapshot, VmError> {
@@ -229,6 +259,153 @@ pub struct ExecRequest {
     pub cwd: Option<String>,
     /// Kill the command (its whole process group) after this long.
     pub timeout: Option<Duration>,
+    /// Whom to run as (see the crate docs).
+    pub user: ExecUser,
+}
+
+/// Whom a command runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExecUser {
+    /// The guest's unprivileged `runner` user (root in an image without one; the invoking user
+    /// on the local backend). What steps run as.
+    #[default]
+    Runner,
+    /// root, for kiln's own housekeeping in the guest (the invoking user on the local
+    /// backend).
+    Root,
+}
+
+/// A command to run on a pseudo-terminal ([`Vm::exec_pty`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PtyRequest {
+    /// What to run.
+    pub command: Command,
+    /// Variables set on top of the VM's base environment (pass `TERM` here).
+    pub env: Vec<(String, String)>,
+    /// Working directory in the guest; [`Vm::work_root`] when `None`.
+    pub cwd: Option<String>,
+    /// Whom to run as.
+    pub user: ExecUser,
+    /// The terminal's initial size.
+    pub size: WindowSize,
+}
+
+/// A command running on a pseudo-terminal, from [`Vm::exec_pty`].
+///
+/// - [`PtySession::writer`] hands out a [`PtyWriter`] (cloneable) for input bytes, window size
+///   changes and signals;
+/// - [`PtySession::read`] yields what the command writes to the terminal (stdout and stderr
+///   together, as a terminal shows them), and `None` once the terminal has closed and all of
+///   it has been read;
+/// - [`PtySession::wait`] returns how the command ended.
+///
+/// Dropping the session before the command has ended kills its process group.
+#[derive(Debug)]
+pub struct PtySession {
+    vm: String,
+    writer: PtyWriter,
+    output: tokio::sync::mpsc::UnboundedReceiver<Bytes>,
+    exit: tokio::sync::oneshot::Receiver<Result<ExitStatus, VmError>>,
+    /// Dropped with the session: tells the backend to kill the command if it still runs.
+    _cancel: tokio::sync::oneshot::Sender<()>,
+}
+
+/// The backend's end of a [`PtySession`], made by [`PtySession::channel`].
+#[derive(Debug)]
+pub struct PtyDriver {
+    /// What the host's side wants done, in order.
+    pub events: tokio::sync::mpsc::UnboundedReceiver<PtyEvent>,
+    /// Where the terminal's output goes; drop it once all output is sent.
+    pub output: tokio::sync::mpsc::UnboundedSender<Bytes>,
+    /// Where the exit goes, after all output.
+    pub exit: tokio::sync::oneshot::Sender<Result<ExitStatus, VmError>>,
+    /// Resolves (with an error) when the session is dropped: kill the command then.
+    pub cancelled: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl PtySession {
+    /// A new session of VM `vm` and the driver a backend feeds it from.
+    pub fn channel(vm: &str) -> (PtySession, PtyDriver) {
+        let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let (output, output_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (exit, exit_rx) = tokio::sync::oneshot::channel();
+        let (cancel, cancelled) = tokio::sync::oneshot::channel();
+        (
+            PtySession {
+                vm: vm.to_owned(),
+                writer: PtyWriter { tx: events_tx },
+                output: output_rx,
+                exit: exit_rx,
+                _cancel: cancel,
+            },
+            PtyDriver {
+                events,
+                output,
+                exit,
+                cancelled,
+            },
+        )
+    }
+
+    /// A handle for input, resizes and signals.
+    pub fn writer(&self) -> PtyWriter {
+        self.writer.clone()
+    }
+
+    /// The next piece of output; `None` once the terminal has closed and everything was read.
+    pub async fn read(&mut self) -> Option<Bytes> {
+        self.output.recv().await
+    }
+
+    /// Waits for the command to end. Output not read yet is dropped.
+    pub async fn wait(self) -> Result<ExitStatus, VmError> {
+        let PtySession {
+            vm, exit, _cancel, ..
+        } = self;
+        // `_cancel` lives until the exit is in: dropping it earlier would kill the command.
+        let status = exit.await;
+        drop(_cancel);
+        status.unwrap_or_else(|_| {
+            Err(VmError::Guest {
+                vm,
+                message: "The terminal session ended without an exit status".to_owned(),
+            })
+        })
+    }
+}
+
+/// Sends input, window sizes and signals to a [`PtySession`]. Every method fails with
+/// [`PtyClosed`] once the session is over.
+#[derive(Debug, Clone)]
+pub struct PtyWriter {
+    tx: tokio::sync::mpsc::UnboundedSender<PtyEvent>,
+}
+
+/// The terminal session has ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("The terminal session has ended")]
+pub struct PtyClosed;
+
+impl PtyWriter {
+    /// Types `data` at the terminal (Ctrl-C is the byte 0x03; the guest's terminal turns it
+    /// into SIGINT for its foreground job, as a real terminal would).
+    pub fn write(&self, data: impl Into<Bytes>) -> Result<(), PtyClosed> {
+        self.send(PtyEvent::Input(data.into()))
+    }
+
+    /// Changes the terminal's size; its foreground job gets SIGWINCH.
+    pub fn resize(&self, size: WindowSize) -> Result<(), PtyClosed> {
+        self.send(PtyEvent::Resize(size))
+    }
+
+    /// Sends `signal` to the terminal's foreground process group.
+    pub fn signal(&self, signal: Signal) -> Result<(), PtyClosed> {
+        self.send(PtyEvent::Signal(signal))
+    }
+
+    fn send(&self, event: PtyEvent) -> Result<(), PtyClosed> {
+        self.tx.send(event).map_err(|_| PtyClosed)
+    }
 }
 
 /// What an [`ExecRequest`] runs.

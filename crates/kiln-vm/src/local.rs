@@ -12,6 +12,9 @@
 //!   processes left by a step included), then remove the directory;
 //! - dropping a [`LocalVm`] that was never released does the same synchronously.
 //!
+//! Commands run as the invoking user whatever [`crate::ExecUser`] they ask for: there is no
+//! other user to switch to here. [`Vm::exec_pty`] gives a command a host pseudo-terminal.
+//!
 //! Known limit: a process that leaves its process group (`setsid`, a daemon that double-forks
 //! into a new session) escapes these kills. VM backends do not have this hole.
 
@@ -32,8 +35,8 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::task::JoinHandle;
 
 use crate::{
-    Allocation, Command, ExecOutcome, ExecRequest, ExitStatus, Output, OutputSink, Stream, Vm,
-    VmError, VmProvider, VmSpec,
+    Allocation, Command, ExecOutcome, ExecRequest, ExitStatus, Output, OutputSink, PtyDriver,
+    PtyEvent, PtyRequest, PtySession, Stream, Vm, VmError, VmProvider, VmSpec, pty,
 };
 
 /// How long a timed-out command gets between SIGTERM and SIGKILL.
@@ -229,11 +232,7 @@ impl Vm for LocalVm {
             Some(result) => {
                 let status =
                     result.map_err(|e| self.io_err(format!("waiting for `{program}`"), e))?;
-                match (status.code(), status.signal()) {
-                    (Some(code), _) => ExitStatus::Exited(code),
-                    (None, Some(signal)) => ExitStatus::Signaled(signal),
-                    (None, None) => ExitStatus::Signaled(0),
-                }
+                exit_status(status)
             }
             None => {
                 signal_group(pgid, Signal::TERM);
@@ -255,6 +254,47 @@ impl Vm for LocalVm {
             status,
             duration: started.elapsed(),
         })
+    }
+
+    async fn exec_pty(&self, request: PtyRequest) -> Result<PtySession, VmError> {
+        self.check_live()?;
+        let argv = self.argv_for(&request.command).await?;
+        let Some((program, args)) = argv.split_first() else {
+            return Err(VmError::Guest {
+                vm: self.id.clone(),
+                message: "empty command".to_owned(),
+            });
+        };
+        let cwd = request.cwd.as_deref().unwrap_or(&self.dir_str);
+        let terminal_err = |e| self.io_err("opening a pseudo-terminal".to_owned(), e);
+        let (master, slave) = pty::open(request.size).map_err(terminal_err)?;
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args)
+            .envs(request.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(cwd)
+            .stdin(Stdio::from(slave.try_clone().map_err(terminal_err)?))
+            .stdout(Stdio::from(slave.try_clone().map_err(terminal_err)?))
+            .stderr(Stdio::from(slave));
+        // SAFETY: `become_session_leader` only makes async-signal-safe system calls.
+        unsafe { cmd.pre_exec(pty::become_session_leader) };
+        let spawned = cmd.spawn();
+        // Our copies of the terminal must close, or the master never sees its end.
+        drop(cmd);
+        let child = spawned.map_err(|e| self.io_err(format!("starting `{program}` in {cwd}"), e))?;
+        // setsid made the child a process group leader: its pid is the group.
+        let pgid = child
+            .id()
+            .and_then(|pid| i32::try_from(pid).ok())
+            .ok_or_else(|| VmError::Guest {
+                vm: self.id.clone(),
+                message: format!("`{program}` exited before its process group was known"),
+            })?;
+        lock(&self.groups).insert(pgid);
+        let guard = GroupKillGuard { pgid, armed: true };
+        let master = pty::Master::new(master).map_err(terminal_err)?;
+        let (session, driver) = PtySession::channel(&self.id);
+        tokio::spawn(drive_pty(self.id.clone(), child, guard, master, driver));
+        Ok(session)
     }
 
     async fn kill_all(&self) -> Result<(), VmError> {
@@ -319,6 +359,97 @@ impl Drop for LocalVm {
                 tracing::warn!(vm = %self.id, "failed to remove {}: {e}", self.dir.display());
             }
         }
+    }
+}
+
+fn exit_status(status: std::process::ExitStatus) -> ExitStatus {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => ExitStatus::Exited(code),
+        (None, Some(signal)) => ExitStatus::Signaled(signal),
+        (None, None) => ExitStatus::Signaled(0),
+    }
+}
+
+/// Runs one terminal session: output to the session, its events to the terminal, and the exit.
+/// A dropped session (`cancelled`) kills the process group through `guard`.
+async fn drive_pty(
+    vm: String,
+    mut child: tokio::process::Child,
+    mut guard: GroupKillGuard,
+    master: pty::Master,
+    driver: PtyDriver,
+) {
+    let PtyDriver {
+        mut events,
+        output,
+        exit,
+        mut cancelled,
+    } = driver;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut open = true;
+    let waited = loop {
+        tokio::select! {
+            read = master.read(&mut buf), if open => match read {
+                Ok(n) if n > 0 => {
+                    let _ = output.send(Bytes::copy_from_slice(&buf[..n]));
+                }
+                // EIO: nobody holds the terminal any more.
+                _ => open = false,
+            },
+            Some(event) = events.recv() => match event {
+                PtyEvent::Input(data) => {
+                    if let Err(e) = master.write_all(&data).await {
+                        tracing::debug!(%vm, "writing to a terminal failed: {e}");
+                    }
+                }
+                PtyEvent::Resize(size) => {
+                    if let Err(e) = master.resize(size) {
+                        tracing::debug!(%vm, "resizing a terminal failed: {e}");
+                    }
+                }
+                PtyEvent::Signal(signal) => {
+                    let group = master
+                        .foreground_group()
+                        .map(|g| g.as_raw_nonzero().get())
+                        .unwrap_or(guard.pgid);
+                    signal_group(group, to_rustix(signal));
+                }
+            },
+            waited = child.wait() => break waited,
+            _ = &mut cancelled => return,
+        }
+    };
+    guard.armed = false;
+    // What the command wrote just before exiting; background processes holding the terminal
+    // get DRAIN_GRACE, as with pipes.
+    while open {
+        match tokio::time::timeout(DRAIN_GRACE, master.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {
+                let _ = output.send(Bytes::copy_from_slice(&buf[..n]));
+            }
+            _ => open = false,
+        }
+    }
+    drop(output);
+    // Writers fail from now on, before anyone can see the exit.
+    drop(events);
+    let status = waited.map(exit_status).map_err(|source| VmError::Io {
+        vm,
+        op: "waiting for a terminal command".to_owned(),
+        source,
+    });
+    let _ = exit.send(status);
+}
+
+fn to_rustix(signal: crate::Signal) -> Signal {
+    match signal {
+        crate::Signal::Term => Signal::TERM,
+        crate::Signal::Kill => Signal::KILL,
+        crate::Signal::Int => Signal::INT,
+        crate::Signal::Hup => Signal::HUP,
+        crate::Signal::Quit => Signal::QUIT,
+        crate::Signal::Usr1 => Signal::USR1,
+        crate::Signal::Usr2 => Signal::USR2,
     }
 }
 
@@ -471,6 +602,7 @@ mod tests {
             env: vec![("KILN_TEST".into(), "yes".into())],
             cwd: None,
             timeout: None,
+            user: crate::ExecUser::Runner,
         }
     }
 
@@ -531,6 +663,7 @@ mod tests {
             env: vec![],
             cwd: None,
             timeout: None,
+            user: crate::ExecUser::Runner,
         };
         let outcome = vm.exec(request, tx).await.expect("exec");
         assert!(outcome.status.success());

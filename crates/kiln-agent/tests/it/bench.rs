@@ -35,6 +35,7 @@ async fn exec_round_trip_of_true() {
         env: Vec::new(),
         cwd: None,
         timeout: None,
+        user: kiln_vm::ExecUser::Runner,
     };
     let mut through_agent = Vec::new();
     let mut local = Vec::new();

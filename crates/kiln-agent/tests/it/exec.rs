@@ -46,6 +46,7 @@ async fn argv_env_and_cwd_are_applied_on_a_clean_base_env() {
         env: vec![("FOO".into(), "bar baz".into())],
         cwd: Some(dir.path().to_string_lossy().into_owned()),
         timeout: None,
+        user: kiln_vm::ExecUser::Runner,
     };
     let outcome = agent.client.exec(request, tx).await.expect("runs");
     assert!(outcome.status.success());
@@ -73,6 +74,7 @@ async fn script_without_placeholder_gets_its_path_appended() {
         env: Vec::new(),
         cwd: None,
         timeout: None,
+        user: kiln_vm::ExecUser::Runner,
     };
     let outcome = agent.client.exec(request, tx).await.expect("runs");
     assert!(outcome.status.success());
@@ -245,6 +247,7 @@ async fn a_missing_program_is_an_error_not_a_hang() {
         env: Vec::new(),
         cwd: None,
         timeout: None,
+        user: kiln_vm::ExecUser::Runner,
     };
     let err = agent.client.exec(request, tx).await.expect_err("fails");
     assert!(
@@ -381,3 +384,36 @@ async fn dropping_the_stdio_agent_terminates_its_commands() {
     );
     assert!(wait_until(Duration::from_secs(5), || !alive(agent_pid)).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminal_execs_have_a_tty_size_input_and_signals() {
+    let agent = agent().await;
+    kiln_test_support::terminal::check_terminal(|request| agent.client.exec_pty(request)).await;
+}
+
+#[tokio::test]
+async fn under_stdio_execs_run_as_the_agent_user_and_root_needs_a_root_agent() {
+    let agent = agent().await;
+    let info = agent.client.agent_info();
+    let me = rustix::process::geteuid().as_raw();
+    assert_eq!(info.user.uid, me);
+    assert!(
+        info.user_fallback
+            .as_deref()
+            .is_some_and(|r| r.contains("--stdio")),
+        "{:?}",
+        info.user_fallback
+    );
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut request = script("id -u");
+    request.user = kiln_vm::ExecUser::Root;
+    let result = agent.client.exec(request, tx).await;
+    if me == 0 {
+        assert_eq!(result.expect("runs").status, ExitStatus::Exited(0));
+        assert_eq!(collect(&mut rx).0, "0\n");
+    } else {
+        let err = result.expect_err("a non-root agent cannot run as root");
+        assert!(err.to_string().contains("Cannot run as root"), "{err}");
+    }
+}
+

@@ -37,6 +37,7 @@ pub fn script(text: &str) -> ExecRequest {
         env: Vec::new(),
         cwd: None,
         timeout: None,
+        user: kiln_vm::ExecUser::Runner,
     }
 }
 

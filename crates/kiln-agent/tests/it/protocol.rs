@@ -89,6 +89,13 @@ async fn the_client_rejects_an_agent_of_another_version_naming_both() {
                     kernel: "x".into(),
                     pid1: true,
                     pid: 1,
+                    user: kiln_proto::UserInfo {
+                        name: "runner".into(),
+                        uid: 1001,
+                        gid: 1001,
+                        home: "/home/runner".into(),
+                    },
+                    user_fallback: None,
                 },
             })
             .await
@@ -192,6 +199,13 @@ async fn the_client_survives_a_hostile_agent() {
                     kernel: "x".into(),
                     pid1: true,
                     pid: 1,
+                    user: kiln_proto::UserInfo {
+                        name: "runner".into(),
+                        uid: 1001,
+                        gid: 1001,
+                        home: "/home/runner".into(),
+                    },
+                    user_fallback: None,
                 },
             })
             .await

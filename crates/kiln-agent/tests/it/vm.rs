@@ -227,6 +227,7 @@ async fn the_agent_boots_a_guest_as_pid1_and_powers_it_off() {
         env: Vec::new(),
         cwd: Some("/".into()),
         timeout: None,
+        user: kiln_vm::ExecUser::Runner,
     };
     let outcome = client.exec(request, tx).await.expect("exec");
     assert!(outcome.status.success());
@@ -237,6 +238,7 @@ async fn the_agent_boots_a_guest_as_pid1_and_powers_it_off() {
         env: Vec::new(),
         cwd: None,
         timeout: None,
+        user: kiln_vm::ExecUser::Runner,
     };
     assert_eq!(
         client.exec(request, tx).await.expect("exec").status,
@@ -252,6 +254,7 @@ async fn the_agent_boots_a_guest_as_pid1_and_powers_it_off() {
             env: Vec::new(),
             cwd: None,
             timeout: None,
+            user: kiln_vm::ExecUser::Runner,
         };
         let outcome = client.exec(request, tx).await.expect("exec");
         assert!(outcome.status.success());

@@ -6,7 +6,9 @@
 #![no_main]
 
 use bytes::BytesMut;
-use kiln_proto::{FrameCodec, MAX_FRAME_LEN, ProtoError, decode_payload, peek_version};
+use kiln_proto::{
+    FrameCodec, MAX_FRAME_LEN, ProtoError, decode_payload, encode_payload, peek_version,
+};
 use libfuzzer_sys::fuzz_target;
 use tokio_util::codec::Decoder;
 
@@ -22,7 +24,8 @@ fuzz_target!(|data: &[u8]| {
         buf.extend_from_slice(chunk);
         loop {
             match codec.decode(&mut buf) {
-                Ok(Some(_)) => {}
+                Ok(Some(Ok(message))) => round_trips(&message),
+                Ok(Some(Err(_))) => {}
                 Ok(None) => break,
                 Err(ProtoError::FrameTooLarge { .. }) => break 'feed,
                 Err(e) => panic!("unexpected hard error: {e}"),
@@ -31,6 +34,16 @@ fuzz_target!(|data: &[u8]| {
         assert!(buf.capacity() <= 2 * (4 + MAX_FRAME_LEN) + rest.len());
     }
     // The whole input as one payload, and the version peek, must not panic either.
-    let _ = decode_payload(rest);
+    if let Ok(message) = decode_payload(rest) {
+        round_trips(&message);
+    }
     let _ = peek_version(rest);
 });
+
+/// Whatever a hostile peer got through the decoder (terminal input, resizes and signals
+/// included) must be a value this side can send back unchanged.
+fn round_trips(message: &kiln_proto::Message) {
+    let payload = encode_payload(message).expect("a decoded message re-encodes");
+    let again = decode_payload(&payload).expect("a re-encoded message decodes");
+    assert_eq!(&again, message);
+}

@@ -1368,6 +1368,7 @@ impl WorkflowExecutor {
             env: exec_env.into_iter().collect(),
             cwd: Some(cwd),
             timeout: Some(timeout),
+            user: kiln_vm::ExecUser::Runner,
         };
 
         let (tx, rx) = mpsc::unbounded_channel();
@@ -2298,6 +2299,7 @@ async fn setup(vm: &dyn Vm, layout: &Layout, context: &RunContext) -> Result<Str
                 env: Vec::new(),
                 cwd: None,
                 timeout: Some(Duration::from_secs(60)),
+                user: kiln_vm::ExecUser::Runner,
             },
             tx,
         )

@@ -51,6 +51,7 @@ pub async fn sh(vm: &dyn Vm, script: &str) -> String {
                 env: Vec::new(),
                 cwd: None,
                 timeout: Some(Duration::from_secs(60)),
+                user: kiln_vm::ExecUser::Runner,
             },
             tx,
         )

@@ -184,6 +184,7 @@ async fn sh(vm: &Arc<dyn Vm>, script: &str) -> (ExitStatus, String) {
                 env: Vec::new(),
                 cwd: None,
                 timeout: Some(PATIENCE),
+                user: kiln_vm::ExecUser::Runner,
             },
             tx,
         )
@@ -655,6 +656,7 @@ async fn the_reaper_expires_an_idle_session_and_kills_what_runs_in_it() {
                 env: Vec::new(),
                 cwd: None,
                 timeout: None,
+                user: kiln_vm::ExecUser::Runner,
             },
             tx,
         )

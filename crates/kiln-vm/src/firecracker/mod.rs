@@ -1013,6 +1013,8 @@ impl FirecrackerVm {
             env: Vec::new(),
             cwd: Some("/".to_owned()),
             timeout: Some(Duration::from_secs(30)),
+            // Housekeeping: creating and handing over the work root needs root.
+            user: crate::ExecUser::Root,
         };
         let outcome = self.client.exec(request, tx).await?;
         if !outcome.status.success() {

@@ -57,7 +57,10 @@ use tokio::sync::{Mutex, watch};
 
 use crate::guest::{ConnectOptions, GuestClient};
 use crate::image::{self, ImageError, ImageInfo};
-use crate::{Allocation, ExecOutcome, ExecRequest, OutputSink, Vm, VmError, VmProvider, VmSpec};
+use crate::{
+    Allocation, ExecOutcome, ExecRequest, ExecUser, OutputSink, PtyRequest, PtySession, Vm,
+    VmError, VmProvider, VmSpec,
+};
 
 use qmp::Qmp;
 
@@ -1017,6 +1020,7 @@ impl QemuVm {
             env: Vec::new(),
             cwd: Some("/".to_owned()),
             timeout: Some(Duration::from_secs(30)),
+            user: ExecUser::Root,
         };
         let outcome = self.client.exec(request, tx).await?;
         if !outcome.status.success() {
@@ -1102,6 +1106,17 @@ impl Vm for QemuVm {
         }
         match self.client.exec(request, output).await {
             Ok(outcome) => Ok(outcome),
+            Err(e) => Err(self.explain(e).await),
+        }
+    }
+
+    async fn exec_pty(&self, mut request: PtyRequest) -> Result<PtySession, VmError> {
+        self.check()?;
+        if request.cwd.is_none() {
+            request.cwd = Some(WORK_ROOT.to_owned());
+        }
+        match self.client.exec_pty(request).await {
+            Ok(session) => Ok(session),
             Err(e) => Err(self.explain(e).await),
         }
     }

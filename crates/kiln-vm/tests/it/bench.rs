@@ -55,6 +55,7 @@ async fn bench_qemu_allocation_exec_and_memory() {
         env: Vec::new(),
         cwd: None,
         timeout: None,
+        user: kiln_vm::ExecUser::Runner,
     };
     let mut guest = Vec::new();
     for _ in 0..200 {

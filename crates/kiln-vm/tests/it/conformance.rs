@@ -26,6 +26,7 @@ pub async fn run(vm: &dyn Vm, argv: &[&str], timeout: Option<Duration>) -> Ran {
         env: vec![("KILN_TEST".into(), "yes".into())],
         cwd: None,
         timeout: Some(timeout.unwrap_or(Duration::from_secs(60))),
+        user: kiln_vm::ExecUser::Runner,
     };
     let outcome = vm.exec(request, tx).await.expect("exec works");
     let mut ran = Ran {
@@ -101,6 +102,7 @@ pub async fn check_two_vms(backend: &str, a: &dyn Vm, b: &dyn Vm) {
                 env: Vec::new(),
                 cwd: None,
                 timeout: None,
+                user: kiln_vm::ExecUser::Runner,
             },
             tokio::sync::mpsc::unbounded_channel().0,
         )
@@ -126,6 +128,7 @@ pub async fn check_two_vms(backend: &str, a: &dyn Vm, b: &dyn Vm) {
             env: Vec::new(),
             cwd: None,
             timeout: None,
+            user: kiln_vm::ExecUser::Runner,
         },
         tokio::sync::mpsc::unbounded_channel().0,
     );

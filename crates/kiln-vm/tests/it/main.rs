@@ -8,5 +8,6 @@ mod conformance;
 mod firecracker;
 mod image_build;
 mod qemu_vm;
+mod terminal;
 
 use kiln_test_support as support;

@@ -43,6 +43,7 @@ async fn run(vm: &dyn Vm, argv: &[&str]) -> Ran {
         env: vec![("KILN_TEST".into(), "yes".into())],
         cwd: None,
         timeout: Some(Duration::from_secs(60)),
+        user: kiln_vm::ExecUser::Runner,
     };
     let outcome = vm.exec(request, tx).await.expect("exec works");
     let mut ran = Ran {
@@ -303,6 +304,7 @@ async fn guest_death_fails_the_command_with_the_console_and_dropping_cleans_up()
             env: Vec::new(),
             cwd: None,
             timeout: None,
+            user: kiln_vm::ExecUser::Runner,
         },
         tokio::sync::mpsc::unbounded_channel().0,
     );
@@ -475,6 +477,7 @@ async fn a_disk_quota_below_the_image_size_ends_writes_with_enospc() {
         env: Vec::new(),
         cwd: None,
         timeout: Some(Duration::from_secs(600)),
+        user: kiln_vm::ExecUser::Runner,
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let outcome = vm.exec(request, tx).await.expect("exec works");
@@ -542,6 +545,7 @@ async fn run_err(vm: &dyn Vm, script: &str, console: &Path) -> String {
         env: Vec::new(),
         cwd: None,
         timeout: Some(Duration::from_secs(60)),
+        user: kiln_vm::ExecUser::Runner,
     };
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
     let result = tokio::time::timeout(Duration::from_secs(40), vm.exec(request, tx)).await;

@@ -985,6 +985,7 @@ async fn internal(vm: &dyn Vm, script: &str, args: &[&str]) -> Result<String, St
                 env: Vec::new(),
                 cwd: None,
                 timeout: Some(Duration::from_secs(300)),
+                user: kiln_vm::ExecUser::Runner,
             },
             tx,
         )
