@@ -236,8 +236,9 @@ async fn two_vms_run_commands_transfer_files_are_distinct_and_leave_nothing() {
         );
     }
 
-    // The runner user has passwordless sudo.
-    assert_eq!(sh(&*a.vm, "su runner -c 'sudo -n id -u'").await, "0");
+    // Commands run as the runner user, which has passwordless sudo.
+    assert_eq!(sh(&*a.vm, "id -un").await, "runner");
+    assert_eq!(sh(&*a.vm, "sudo -n id -u").await, "0");
     assert!(a.vm.work_root().starts_with('/'));
     assert_eq!(
         sh(&*a.vm, &format!("stat -c %U {}", a.vm.work_root())).await,
@@ -253,7 +254,7 @@ async fn two_vms_run_commands_transfer_files_are_distinct_and_leave_nothing() {
     let (host_a, host_b) = (sh(&*a.vm, "hostname").await, sh(&*b.vm, "hostname").await);
     assert_ne!(host_a, host_b);
     // A file written in one is not in the other (each has its own overlay).
-    sh(&*a.vm, "echo a > /etc/kiln-mark && sync").await;
+    sh(&*a.vm, "echo a | sudo -n tee /etc/kiln-mark >/dev/null && sync").await;
     assert_eq!(
         sh(&*b.vm, "cat /etc/kiln-mark 2>/dev/null || echo none").await,
         "none"
@@ -539,13 +540,14 @@ async fn a_disk_quota_below_the_image_size_ends_writes_with_enospc() {
     assert_no_leak(runtime.path(), &[id]);
 }
 
+/// Runs `script` as root (it crashes the guest) and returns the error it ends with.
 async fn run_err(vm: &dyn Vm, script: &str, console: &Path) -> String {
     let request = ExecRequest {
         command: Command::Argv(vec!["sh".into(), "-c".into(), script.into()]),
         env: Vec::new(),
         cwd: None,
         timeout: Some(Duration::from_secs(60)),
-        user: kiln_vm::ExecUser::Runner,
+        user: kiln_vm::ExecUser::Root,
     };
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
     let result = tokio::time::timeout(Duration::from_secs(40), vm.exec(request, tx)).await;
@@ -561,6 +563,119 @@ async fn run_err(vm: &dyn Vm, script: &str, console: &Path) -> String {
             )
         }
     }
+}
+
+async fn run_as_root(vm: &dyn Vm, script: &str) -> String {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let request = ExecRequest {
+        command: Command::Argv(vec!["sh".into(), "-c".into(), script.into()]),
+        env: Vec::new(),
+        cwd: None,
+        timeout: Some(Duration::from_secs(60)),
+        user: kiln_vm::ExecUser::Root,
+    };
+    let outcome = vm.exec(request, tx).await.expect("exec works");
+    let mut out = Vec::new();
+    while let Ok(chunk) = rx.try_recv() {
+        out.extend_from_slice(&chunk.data);
+    }
+    let out = String::from_utf8_lossy(&out).trim().to_owned();
+    assert!(outcome.status.success(), "`{script}` as root: {} {out}", outcome.status);
+    out
+}
+
+/// Steps run as `runner` (passwordless sudo) and can write everything kiln lays out for them;
+/// root is there for kiln's own housekeeping; a VM restored from the ready snapshot is the
+/// same; and terminals work through the agent (tty, size, resize, input, SIGINT, exit code).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_run_as_runner_files_belong_to_it_and_terminals_work() {
+    if support::skip_vm_tests() {
+        return;
+    }
+    tokio::task::spawn_blocking(support::default_image)
+        .await
+        .unwrap();
+    let _guard = VM_LOCK.lock().await;
+    let runtime = tempfile::tempdir().unwrap();
+    let qemu = provider(runtime.path(), Accel::Auto);
+    let vm = qemu.allocate(&spec()).await.expect("VM boots").vm;
+    let mut ids = vec![vm.id().to_owned()];
+    let root = vm.work_root().to_owned();
+
+    assert_eq!(
+        sh(&*vm, "echo $(id -un) $(id -u) $HOME $USER $LOGNAME $(pwd)").await,
+        format!("runner 1001 /home/runner runner runner {root}")
+    );
+    assert_eq!(sh(&*vm, "sudo -n id -u").await, "0");
+    assert_eq!(run_as_root(&*vm, "echo $(id -un) $HOME").await, "root /root");
+
+    // What kiln writes into the guest belongs to runner, so steps can write to it.
+    vm.write_file(&format!("{root}/new/deep/env"), b"A=1\n")
+        .await
+        .unwrap();
+    let host = tempfile::tempdir().unwrap();
+    let src = host.path().join("src");
+    fill_tree(&src);
+    vm.copy_in(&src, &format!("{root}/ws")).await.unwrap();
+    vm.write_file("/tmp/made-by-kiln/f", b"x").await.unwrap();
+    assert_eq!(
+        sh(
+            &*vm,
+            &format!("find {root} /tmp/made-by-kiln ! -user runner -o ! -group runner")
+        )
+        .await,
+        "",
+        "everything kiln created belongs to runner"
+    );
+    sh(
+        &*vm,
+        &format!(
+            "echo B=2 >> {root}/new/deep/env && echo more > {root}/ws/sub/deeper/new && \
+             touch {root}/ws/top.txt {root}/new/file"
+        ),
+    )
+    .await;
+    assert_eq!(
+        vm.read_file(&format!("{root}/new/deep/env")).await.unwrap(),
+        b"A=1\nB=2\n"
+    );
+    // A file root already owns keeps its owner when kiln rewrites it.
+    run_as_root(&*vm, "echo old > /etc/kiln-owned").await;
+    vm.write_file("/etc/kiln-owned", b"new").await.unwrap();
+    assert_eq!(sh(&*vm, "stat -c %U /etc/kiln-owned").await, "root");
+
+    // Terminals, through the agent.
+    support::terminal::check_terminal(|request| vm.exec_pty(request)).await;
+    let mut session = vm
+        .exec_pty(support::terminal::sh_request("echo user=$(id -un) cwd=$(pwd)"))
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    support::terminal::read_until(&mut session, "\n", &mut seen).await;
+    assert!(seen.contains(&format!("user=runner cwd={root}")), "{seen:?}");
+    drop(session);
+    vm.release().await.unwrap();
+
+    // A VM restored from the ready snapshot (its agent greeted a second time) is the same.
+    let snapshot = qemu.ready_snapshot(&spec()).await.expect("a ready snapshot");
+    let restored = qemu.restore(&snapshot).await.expect("restores").vm;
+    ids.push(restored.id().to_owned());
+    assert_eq!(sh(&*restored, "id -un").await, "runner");
+    assert_eq!(sh(&*restored, "stat -c %U .").await, "runner");
+    restored
+        .write_file(&format!("{root}/after-restore"), b"1")
+        .await
+        .unwrap();
+    sh(&*restored, &format!("echo 2 >> {root}/after-restore")).await;
+    let mut session = restored
+        .exec_pty(support::terminal::sh_request("tty"))
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    support::terminal::read_until(&mut session, "/dev/pts/", &mut seen).await;
+    drop(session);
+    restored.release().await.unwrap();
+    assert_no_leak(runtime.path(), &ids);
 }
 
 /// Not a test on its own: the child process of `a_killed_kiln_leaks_no_qemu`. It allocates a VM,
