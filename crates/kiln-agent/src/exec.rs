@@ -276,7 +276,7 @@ fn open_pty(size: WindowSize) -> std::io::Result<(OwnedFd, OwnedFd)> {
     )?;
     set_window_size(&master, size)?;
     rustix::fs::fcntl_setfl(&master, OFlags::RDWR | OFlags::NONBLOCK)?;
-    Ok((master.into(), slave))
+    Ok((master, slave))
 }
 
 fn set_window_size(fd: impl std::os::fd::AsFd, size: WindowSize) -> std::io::Result<()> {

@@ -189,12 +189,18 @@ fn is_root() -> bool {
 
 /// The `passwd(5)` entry of `name`.
 fn passwd_by_name(passwd: &str, name: &str) -> Option<UserInfo> {
-    passwd.lines().filter_map(parse_passwd).find(|u| u.name == name)
+    passwd
+        .lines()
+        .filter_map(parse_passwd)
+        .find(|u| u.name == name)
 }
 
 /// The `passwd(5)` entry of `uid`.
 fn passwd_by_uid(passwd: &str, uid: u32) -> Option<UserInfo> {
-    passwd.lines().filter_map(parse_passwd).find(|u| u.uid == uid)
+    passwd
+        .lines()
+        .filter_map(parse_passwd)
+        .find(|u| u.uid == uid)
 }
 
 /// `name:password:uid:gid:gecos:home:shell`; comments and malformed lines are skipped.
@@ -305,10 +311,7 @@ mod tests {
         }
         // Under --stdio nothing switches, whoever the agent is.
         let stdio = Identities::resolve_in(false, etc.path());
-        assert_eq!(
-            stdio.runner.info.uid,
-            rustix::process::geteuid().as_raw()
-        );
+        assert_eq!(stdio.runner.info.uid, rustix::process::geteuid().as_raw());
         assert_eq!(stdio.file_owner(), None);
     }
 }

@@ -22,6 +22,7 @@ mod rerun;
 mod run;
 mod runs;
 mod serve;
+pub mod terminal;
 mod workflows;
 
 use std::process::ExitCode;

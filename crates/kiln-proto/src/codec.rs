@@ -307,7 +307,10 @@ mod tests {
             },
             Message::Pty {
                 id: 7,
-                event: PtyEvent::Resize(WindowSize { rows: 50, cols: 132 }),
+                event: PtyEvent::Resize(WindowSize {
+                    rows: 50,
+                    cols: 132,
+                }),
             },
             Message::Pty {
                 id: 7,

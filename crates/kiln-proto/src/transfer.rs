@@ -253,8 +253,11 @@ mod tests {
         std::fs::create_dir_all(src.path().join("a/ro")).expect("mkdir");
         std::fs::write(src.path().join("a/ro/f"), "x").expect("write");
         std::os::unix::fs::symlink("/nonexistent", src.path().join("dangling")).expect("link");
-        std::fs::set_permissions(src.path().join("a/ro"), std::fs::Permissions::from_mode(0o555))
-            .expect("chmod");
+        std::fs::set_permissions(
+            src.path().join("a/ro"),
+            std::fs::Permissions::from_mode(0o555),
+        )
+        .expect("chmod");
         let mut data = Vec::new();
         pack_tree(src.path(), &mut data).expect("packs");
         let root = tempfile::tempdir().expect("tempdir");
@@ -265,7 +268,13 @@ mod tests {
         let made = std::fs::metadata(root.path()).expect("stat");
         let me = (made.uid(), made.gid());
         unpack_tree_owned(&data[..], &dest, Some(me)).expect("unpacks");
-        for path in ["new", "new/dest", "new/dest/a", "new/dest/a/ro", "new/dest/a/ro/f"] {
+        for path in [
+            "new",
+            "new/dest",
+            "new/dest/a",
+            "new/dest/a/ro",
+            "new/dest/a/ro/f",
+        ] {
             let meta = std::fs::symlink_metadata(root.path().join(path)).expect("stat");
             assert_eq!((meta.uid(), meta.gid()), me, "{path}");
         }
@@ -274,7 +283,10 @@ mod tests {
                 .expect("the symlink is kept")
                 .is_symlink()
         );
-        let mode = std::fs::metadata(dest.join("a/ro")).expect("stat").permissions().mode();
+        let mode = std::fs::metadata(dest.join("a/ro"))
+            .expect("stat")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o555);
         assert_eq!(std::fs::read(dest.join("a/ro/f")).expect("read"), b"x");
         std::fs::set_permissions(dest.join("a/ro"), std::fs::Permissions::from_mode(0o755))

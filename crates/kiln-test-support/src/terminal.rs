@@ -4,9 +4,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use kiln_vm::{
-    Command, ExecUser, ExitStatus, PtyRequest, PtySession, Signal, VmError, WindowSize,
-};
+use kiln_vm::{Command, ExecUser, ExitStatus, PtyRequest, PtySession, Signal, VmError, WindowSize};
 
 /// Long enough for a command under TCG on a loaded machine; only a guard against hangs.
 const PATIENCE: Duration = Duration::from_secs(120);
@@ -93,8 +91,14 @@ where
     writer.write(&b"hello\r"[..]).expect("the session is open");
     let status = finish(session, &mut seen).await;
     assert_eq!(status, ExitStatus::Exited(7), "{seen:?}");
-    assert!(seen.contains("got:hello"), "`read` did not get the input: {seen:?}");
-    assert!(seen.contains("40 100"), "the resize did not arrive: {seen:?}");
+    assert!(
+        seen.contains("got:hello"),
+        "`read` did not get the input: {seen:?}"
+    );
+    assert!(
+        seen.contains("40 100"),
+        "the resize did not arrive: {seen:?}"
+    );
     // The terminal echoes what was typed, as a terminal does.
     assert!(seen.contains("hello\r\n"), "{seen:?}");
     assert!(writer.write(&b"late"[..]).is_err(), "the session has ended");

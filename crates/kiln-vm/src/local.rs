@@ -280,7 +280,8 @@ impl Vm for LocalVm {
         let spawned = cmd.spawn();
         // Our copies of the terminal must close, or the master never sees its end.
         drop(cmd);
-        let child = spawned.map_err(|e| self.io_err(format!("starting `{program}` in {cwd}"), e))?;
+        let child =
+            spawned.map_err(|e| self.io_err(format!("starting `{program}` in {cwd}"), e))?;
         // setsid made the child a process group leader: its pid is the group.
         let pgid = child
             .id()

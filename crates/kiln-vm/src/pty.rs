@@ -28,7 +28,7 @@ pub(crate) fn open(size: WindowSize) -> io::Result<(OwnedFd, OwnedFd)> {
     )?;
     set_size(&master, size)?;
     rustix::fs::fcntl_setfl(&master, OFlags::RDWR | OFlags::NONBLOCK)?;
-    Ok((master.into(), slave))
+    Ok((master, slave))
 }
 
 /// `TIOCSWINSZ`: the terminal's foreground job gets `SIGWINCH`.
@@ -61,14 +61,18 @@ impl Master {
     pub(crate) fn new(fd: OwnedFd) -> io::Result<Master> {
         // SAFETY: the AsyncFd owns the OwnedFd for its whole life, and an OwnedFd's raw
         // descriptor never changes, so it stays open and the same until the drop.
-        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }?;
+        let fd = unsafe {
+            AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE)
+        }?;
         Ok(Master { fd })
     }
 
     /// Reads what the terminal shows; `Ok(0)` or `EIO` once it has closed.
     pub(crate) async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         self.fd
-            .async_io(Interest::READABLE, |fd| Ok(rustix::io::read(fd, &mut *buf)?))
+            .async_io(Interest::READABLE, |fd| {
+                Ok(rustix::io::read(fd, &mut *buf)?)
+            })
             .await
     }
 

@@ -416,4 +416,3 @@ async fn under_stdio_execs_run_as_the_agent_user_and_root_needs_a_root_agent() {
         assert!(err.to_string().contains("Cannot run as root"), "{err}");
     }
 }
-

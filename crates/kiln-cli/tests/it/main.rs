@@ -3,3 +3,4 @@
 mod cli;
 mod firecracker;
 mod snapshots;
+mod terminal;

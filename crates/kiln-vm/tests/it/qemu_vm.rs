@@ -580,7 +580,11 @@ async fn run_as_root(vm: &dyn Vm, script: &str) -> String {
         out.extend_from_slice(&chunk.data);
     }
     let out = String::from_utf8_lossy(&out).trim().to_owned();
-    assert!(outcome.status.success(), "`{script}` as root: {} {out}", outcome.status);
+    assert!(
+        outcome.status.success(),
+        "`{script}` as root: {} {out}",
+        outcome.status
+    );
     out
 }
 
@@ -607,7 +611,10 @@ async fn commands_run_as_runner_files_belong_to_it_and_terminals_work() {
         format!("runner 1001 /home/runner runner runner {root}")
     );
     assert_eq!(sh(&*vm, "sudo -n id -u").await, "0");
-    assert_eq!(run_as_root(&*vm, "echo $(id -un) $HOME").await, "root /root");
+    assert_eq!(
+        run_as_root(&*vm, "echo $(id -un) $HOME").await,
+        "root /root"
+    );
 
     // What kiln writes into the guest belongs to runner, so steps can write to it.
     vm.write_file(&format!("{root}/new/deep/env"), b"A=1\n")
@@ -647,17 +654,25 @@ async fn commands_run_as_runner_files_belong_to_it_and_terminals_work() {
     // Terminals, through the agent.
     support::terminal::check_terminal(|request| vm.exec_pty(request)).await;
     let mut session = vm
-        .exec_pty(support::terminal::sh_request("echo user=$(id -un) cwd=$(pwd)"))
+        .exec_pty(support::terminal::sh_request(
+            "echo user=$(id -un) cwd=$(pwd)",
+        ))
         .await
         .unwrap();
     let mut seen = String::new();
     support::terminal::read_until(&mut session, "\n", &mut seen).await;
-    assert!(seen.contains(&format!("user=runner cwd={root}")), "{seen:?}");
+    assert!(
+        seen.contains(&format!("user=runner cwd={root}")),
+        "{seen:?}"
+    );
     drop(session);
     vm.release().await.unwrap();
 
     // A VM restored from the ready snapshot (its agent greeted a second time) is the same.
-    let snapshot = qemu.ready_snapshot(&spec()).await.expect("a ready snapshot");
+    let snapshot = qemu
+        .ready_snapshot(&spec())
+        .await
+        .expect("a ready snapshot");
     let restored = qemu.restore(&snapshot).await.expect("restores").vm;
     ids.push(restored.id().to_owned());
     assert_eq!(sh(&*restored, "id -un").await, "runner");
