@@ -347,3 +347,58 @@ jobs:
     assert_eq!(qemu_processes_for(&vm), 0, "QEMU of {vm} still runs");
     assert!(fx.leftovers().is_empty(), "{:?}", fx.leftovers());
 }
+
+/// Steps run as `runner` with passwordless sudo, like GitHub's hosted runners, and can write
+/// everything kiln laid out for them: the workspace and the file-command files.
+const AS_RUNNER: &str = r#"
+name: as-runner
+on: push
+jobs:
+  a:
+    runs-on: ubuntu-latest
+    outputs:
+      who: ${{ steps.who.outputs.user }}
+    steps:
+      - id: who
+        run: |
+          echo "whoami=$(id -un) sudo=$(sudo -n id -u) home-owner=$(stat -c %U "$HOME")"
+          echo "user=$(id -un)" >> "$GITHUB_OUTPUT"
+          echo "FROM_ENV=set-by-step" >> "$GITHUB_ENV"
+          echo "/opt/from-path" >> "$GITHUB_PATH"
+          echo "summary line" >> "$GITHUB_STEP_SUMMARY"
+          echo "made in the guest" > new-file
+          echo "appended" >> README
+          mkdir -p sub/dir && touch sub/dir/x "$RUNNER_TEMP/t" "$RUNNER_TOOL_CACHE/c"
+      - run: |
+          echo "env=$FROM_ENV output=${{ steps.who.outputs.user }} path=${PATH%%:*}"
+          cat new-file
+          echo "owner=$(stat -c %U "$GITHUB_WORKSPACE") pwd=$( [ "$(pwd)" = "$GITHUB_WORKSPACE" ] && echo workspace)"
+          tail -1 README
+  b:
+    needs: a
+    runs-on: ubuntu-latest
+    steps:
+      - run: echo "job-output=${{ needs.a.outputs.who }}"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_run_as_runner_with_sudo_and_write_the_workspace_and_file_commands() {
+    let Some(f) = fixture().await else { return };
+    let (result, events, _) = f.run(AS_RUNNER).await;
+    let logs = logs(&events);
+    assert_eq!(result, Conclusion::Success, "{logs:?}");
+    for expected in [
+        "whoami=runner sudo=0 home-owner=runner",
+        "env=set-by-step output=runner path=/opt/from-path",
+        "made in the guest",
+        "owner=runner pwd=workspace",
+        "appended",
+        "job-output=runner",
+    ] {
+        assert!(
+            logs.iter().any(|l| l == expected),
+            "missing {expected:?}: {logs:?}"
+        );
+    }
+    assert!(f.leftovers().is_empty(), "{:?}", f.leftovers());
+}
