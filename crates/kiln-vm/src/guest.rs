@@ -1386,6 +1386,79 @@ mod tests {
         );
     }
 
+    fn pty_request() -> PtyRequest {
+        PtyRequest {
+            command: Command::Argv(vec!["bash".into()]),
+            env: vec![("TERM".into(), "xterm".into())],
+            cwd: None,
+            user: ExecUser::Root,
+            size: kiln_proto::WindowSize { rows: 24, cols: 80 },
+        }
+    }
+
+    #[tokio::test]
+    async fn a_terminal_exec_relays_events_in_order_then_output_and_exit() {
+        let (client, mut reader, mut writer) = connected().await;
+        let mut session = client.exec_pty(pty_request()).await.expect("starts");
+        let Message::Exec(spec) = next(&mut reader).await else {
+            panic!("expected the exec");
+        };
+        assert_eq!(spec.pty, Some(kiln_proto::WindowSize { rows: 24, cols: 80 }));
+        assert_eq!(spec.user, kiln_proto::ExecUser::Root);
+        let input = session.writer();
+        input.write(&b"ls\r"[..]).expect("open");
+        input
+            .resize(kiln_proto::WindowSize { rows: 50, cols: 120 })
+            .expect("open");
+        input.signal(Signal::Int).expect("open");
+        for expected in [
+            kiln_proto::PtyEvent::Input(Bytes::from_static(b"ls\r")),
+            kiln_proto::PtyEvent::Resize(kiln_proto::WindowSize { rows: 50, cols: 120 }),
+            kiln_proto::PtyEvent::Signal(Signal::Int),
+        ] {
+            assert_eq!(
+                next(&mut reader).await,
+                Message::Pty {
+                    id: spec.id,
+                    event: expected
+                }
+            );
+        }
+        writer
+            .feed(&Message::Stdout {
+                id: spec.id,
+                data: Bytes::from_static(b"file\r\n"),
+            })
+            .await
+            .expect("feeds");
+        writer
+            .send(&Message::Exit {
+                id: spec.id,
+                status: WireStatus::Signaled(2),
+            })
+            .await
+            .expect("sends");
+        assert_eq!(session.read().await.expect("output"), "file\r\n");
+        assert!(session.read().await.is_none(), "the terminal closed");
+        assert_eq!(session.wait().await.expect("exit"), ExitStatus::Signaled(2));
+        assert!(input.write(&b"late"[..]).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_dropped_terminal_session_kills_its_exec() {
+        let (client, mut reader, _writer) = connected().await;
+        let session = client.exec_pty(pty_request()).await.expect("starts");
+        let Message::Exec(spec) = next(&mut reader).await else {
+            panic!("expected the exec");
+        };
+        drop(session);
+        let kill = next(&mut reader).await;
+        assert!(
+            matches!(kill, Message::Kill { target: KillTarget::Exec(id), signal: Signal::Kill, .. } if id == spec.id),
+            "{kill:?}"
+        );
+    }
+
     #[tokio::test]
     async fn guest_errors_carry_their_cause_chain() {
         let err = GuestError::Spawn {
