@@ -25,7 +25,9 @@ pub enum ProtoError {
     Encode(String),
     /// The two sides speak different protocol versions.
     #[error(
-        "Protocol version mismatch: the host speaks kiln-proto v{host}, the agent speaks v{agent}"
+        "Protocol version mismatch: the host speaks kiln-proto v{host}, the agent speaks \
+         v{agent}; the guest image's agent and kiln must come from the same build (rebuild the \
+         image with `kiln image build --agent ...`)"
     )]
     VersionMismatch {
         /// The host's version.

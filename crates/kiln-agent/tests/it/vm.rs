@@ -166,6 +166,16 @@ async fn the_agent_boots_a_guest_as_pid1_and_powers_it_off() {
     let info = client.agent_info().clone();
     assert!(info.pid1);
     assert_eq!(info.pid, 1);
+    // This root has no /etc/passwd, so no `runner` user: commands fall back to root, and the
+    // hello says so.
+    assert_eq!(info.user.uid, 0);
+    assert!(
+        info.user_fallback
+            .as_deref()
+            .is_some_and(|r| r.contains("no `runner` user")),
+        "{:?}",
+        info.user_fallback
+    );
 
     // Root switched to the ext4 disk; /proc etc. moved along.
     let mounts =
