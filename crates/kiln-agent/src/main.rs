@@ -20,7 +20,8 @@
 //! # A static binary
 //! The guest's initramfs has no libc, so the agent is linked statically. Only the glibc target
 //! is installed here, and glibc links statically as long as nothing calls NSS (no user or host
-//! lookups, no libc DNS: the agent never does):
+//! lookups, no libc DNS: the agent never does; it reads `/etc/passwd` and `/etc/group` itself,
+//! see [`user`]):
 //! ```text
 //! RUSTFLAGS="-C target-feature=+crt-static" \
 //!   cargo build -p kiln-agent --release --target x86_64-unknown-linux-gnu
