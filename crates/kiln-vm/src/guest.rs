@@ -1403,17 +1403,26 @@ mod tests {
         let Message::Exec(spec) = next(&mut reader).await else {
             panic!("expected the exec");
         };
-        assert_eq!(spec.pty, Some(kiln_proto::WindowSize { rows: 24, cols: 80 }));
+        assert_eq!(
+            spec.pty,
+            Some(kiln_proto::WindowSize { rows: 24, cols: 80 })
+        );
         assert_eq!(spec.user, kiln_proto::ExecUser::Root);
         let input = session.writer();
         input.write(&b"ls\r"[..]).expect("open");
         input
-            .resize(kiln_proto::WindowSize { rows: 50, cols: 120 })
+            .resize(kiln_proto::WindowSize {
+                rows: 50,
+                cols: 120,
+            })
             .expect("open");
         input.signal(Signal::Int).expect("open");
         for expected in [
             kiln_proto::PtyEvent::Input(Bytes::from_static(b"ls\r")),
-            kiln_proto::PtyEvent::Resize(kiln_proto::WindowSize { rows: 50, cols: 120 }),
+            kiln_proto::PtyEvent::Resize(kiln_proto::WindowSize {
+                rows: 50,
+                cols: 120,
+            }),
             kiln_proto::PtyEvent::Signal(Signal::Int),
         ] {
             assert_eq!(

@@ -254,7 +254,11 @@ async fn two_vms_run_commands_transfer_files_are_distinct_and_leave_nothing() {
     let (host_a, host_b) = (sh(&*a.vm, "hostname").await, sh(&*b.vm, "hostname").await);
     assert_ne!(host_a, host_b);
     // A file written in one is not in the other (each has its own overlay).
-    sh(&*a.vm, "echo a | sudo -n tee /etc/kiln-mark >/dev/null && sync").await;
+    sh(
+        &*a.vm,
+        "echo a | sudo -n tee /etc/kiln-mark >/dev/null && sync",
+    )
+    .await;
     assert_eq!(
         sh(&*b.vm, "cat /etc/kiln-mark 2>/dev/null || echo none").await,
         "none"
@@ -622,7 +626,9 @@ async fn commands_run_as_runner_files_belong_to_it_and_terminals_work() {
         .unwrap();
     let host = tempfile::tempdir().unwrap();
     let src = host.path().join("src");
-    fill_tree(&src);
+    std::fs::create_dir_all(src.join("sub/deeper")).unwrap();
+    std::fs::write(src.join("top.txt"), b"top\n").unwrap();
+    std::fs::write(src.join("sub/deeper/data.bin"), [7u8; 1000]).unwrap();
     vm.copy_in(&src, &format!("{root}/ws")).await.unwrap();
     vm.write_file("/tmp/made-by-kiln/f", b"x").await.unwrap();
     assert_eq!(
