@@ -181,6 +181,7 @@ async fn session(
             .collect(),
         cwd: Some(record.cwd.clone()),
         timeout: None,
+        user: kiln_vm::ExecUser::Runner,
     };
     let (tx, mut rx) = mpsc::unbounded_channel::<kiln_vm::Output>();
     let printer = tokio::spawn(async move {

@@ -626,6 +626,8 @@ async fn the_overlay_root_writes_only_the_scratch_disk() {
             env: Vec::new(),
             cwd: Some("/".into()),
             timeout: Some(Duration::from_secs(60)),
+            // These checks write all over the root filesystem, as only root can.
+            user: kiln_vm::ExecUser::Root,
         };
         let client = &client;
         async move {
