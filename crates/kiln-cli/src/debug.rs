@@ -2,8 +2,10 @@
 //!
 //! The failure state (or the snapshot after step N) is restored into a new VM of the backend
 //! that took it. With `-- CMD`, CMD runs in the step's environment and working directory, its
-//! output goes to stdout/stderr, and kiln exits with its exit code. The VM is released when
-//! debug ends, also on an error or Ctrl-C.
+//! output goes to stdout/stderr, and kiln exits with its exit code. Without a command, an
+//! interactive shell (bash, else sh) runs there on a pseudo-terminal joined to kiln's own
+//! terminal (see [`crate::terminal`]). The VM is released when debug ends, also on an error or
+//! Ctrl-C.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -159,18 +161,33 @@ pub async fn provider_for(
     Ok(selection.provider)
 }
 
-/// Runs the command (or, later, the shell) in the restored VM.
+/// Runs the command, or an interactive shell, in the restored VM.
 async fn session(
     vm: &Arc<dyn Vm>,
     record: &SnapshotRecord,
     command: &[String],
 ) -> Result<u8, Exit> {
     if command.is_empty() {
-        return Err(usage(anyhow!(
-            "An interactive shell is not yet supported by `kiln debug` (it needs a terminal \
-             over the guest agent); run one command with `kiln debug RUN -- CMD`, e.g. \
-             `-- sh -c 'ls -la'`"
-        )));
+        let request = kiln_vm::PtyRequest {
+            // Not a login shell: /etc/profile would reset the step's PATH.
+            command: kiln_vm::Command::Argv(vec![
+                "sh".into(),
+                "-c".into(),
+                "if command -v bash >/dev/null 2>&1; then exec bash -i; else exec sh -i; fi".into(),
+            ]),
+            env: record
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            cwd: Some(record.cwd.clone()),
+            user: kiln_vm::ExecUser::Runner,
+            size: kiln_vm::WindowSize { rows: 24, cols: 80 },
+        };
+        let code = crate::terminal::attach(&**vm, request)
+            .await
+            .map_err(|e| Exit::new(exit::INFRA, e))?;
+        return Ok(u8::try_from(code & 0xff).unwrap_or(1));
     }
     let request = ExecRequest {
         command: kiln_vm::Command::Argv(command.to_vec()),

@@ -56,6 +56,32 @@ impl Env {
             .expect("kiln runs")
     }
 
+    /// `kiln ARGS` with `input` on its stdin (a pipe, not a terminal).
+    fn kiln_with_input(&self, args: &[&str], input: &str) -> Output {
+        use std::io::Write;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .current_dir(self.repo())
+            .env("KILN_RUNTIME_DIR", self.runtime())
+            .env("KILN_DATA_DIR", self.data())
+            .env("KILN_BACKEND", "qemu")
+            .env("NO_COLOR", "1")
+            .env_remove("KILN_LOG")
+            .env_remove("KILN_CONFIG")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kiln runs");
+        child
+            .stdin
+            .take()
+            .expect("stdin is piped")
+            .write_all(input.as_bytes())
+            .expect("writes stdin");
+        child.wait_with_output().expect("kiln runs")
+    }
+
     /// Per-VM directories left in the runtime dir, and QEMU processes that use it.
     fn leftovers(&self) -> Vec<String> {
         let mut left: Vec<String> = std::fs::read_dir(self.runtime())
@@ -213,9 +239,15 @@ fn a_failed_run_is_debugged_and_resumed_from_its_snapshots_on_real_vms() {
     let out = env.kiln(&["debug", &run, "--step", "2", "--", "cat", "trail"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "second\n", "the state after step 2");
-    let out = env.kiln(&["debug", &run]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("not yet supported"));
+    // Without a command: an interactive shell on a terminal in the guest, here fed from a pipe.
+    let out = env.kiln_with_input(
+        &["debug", &run],
+        "cat marker; echo \"user=$(id -un) tty=$(tty)\"; exit 3\n",
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(shown.contains(marker.trim()), "{shown}");
+    assert!(shown.contains("user=runner tty=/dev/pts/"), "{shown}");
     assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
 
     // 3. A change to a step the snapshot includes is refused.
