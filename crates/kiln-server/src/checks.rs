@@ -17,7 +17,8 @@
 //! workflow is invalid) gets one completed check run named after the workflow; jobs a restart
 //! interrupted are completed (`failure`, or `cancelled` when the run is queued again).
 //!
-//! Calls use an installation token of the App (see [`crate::github_app`]).
+//! Calls use an installation token of the App (see [`crate::github_app`]); so do git fetches
+//! when no `KILN_GITHUB_TOKEN` is set (`clone_token`).
 
 use std::sync::Arc;
 
@@ -399,6 +400,39 @@ impl JobWatcher {
                 .await;
             }
             _ => {}
+        }
+    }
+}
+
+/// The token to fetch a GitHub repository with when only a GitHub App is configured: an
+/// installation token (`None` otherwise: git then uses `KILN_GITHUB_TOKEN`, or nothing for
+/// public repositories).
+pub(crate) async fn clone_token(
+    shared: &Shared,
+    forge: &str,
+    repository: &str,
+    payload: &serde_json::Value,
+) -> Option<String> {
+    let app = shared.github_app.as_ref()?;
+    if forge != "github" || shared.config.secrets.github_token.is_some() {
+        return None;
+    }
+    let installation = payload
+        .pointer("/installation/id")
+        .and_then(serde_json::Value::as_u64);
+    match app
+        .installation_token(
+            &shared.http,
+            shared.config.github_api_url.trim_end_matches('/'),
+            repository,
+            installation,
+        )
+        .await
+    {
+        Ok(token) => Some(token),
+        Err(e) => {
+            tracing::warn!("Fetching {repository} without credentials: {e}");
+            None
         }
     }
 }

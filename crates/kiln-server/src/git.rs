@@ -125,13 +125,16 @@ impl GitCache {
     }
 
     /// Fetches `git_ref` (and `sha`, when given and not at the ref) from `clone_url` into the
-    /// cache. Returns the cache dir and the commit id.
+    /// cache, offering `token` to the remote (`None`: the configured token). Returns the cache
+    /// dir and the commit id.
     pub async fn fetch(
         &self,
         clone_url: &str,
         git_ref: &str,
         sha: Option<&str>,
+        token: Option<&str>,
     ) -> Result<(PathBuf, String), GitError> {
+        let token = token.or(self.token.as_deref());
         let url = self.rewrite_url(clone_url);
         let dir = self.cache_dir(clone_url);
         let lock = self.lock_for(&dir);
@@ -146,10 +149,11 @@ impl GitCache {
         }
         let refspec = format!("+{git_ref}:refs/kiln/fetched");
         let fetched = self
-            .git(
+            .git_as(
                 Some(&dir),
                 &["fetch", "--quiet", "--no-tags", &url, &refspec],
                 "fetch",
+                token,
             )
             .await;
         let sha = match sha {
@@ -158,10 +162,11 @@ impl GitCache {
                     // The ref moved on (or could not be fetched): ask for the commit itself.
                     let by_id = format!("+{sha}:refs/kiln/keep/{sha}");
                     let by_id = self
-                        .git(
+                        .git_as(
                             Some(&dir),
                             &["fetch", "--quiet", "--no-tags", &url, &by_id],
                             "fetch",
+                            token,
                         )
                         .await;
                     if !self.has_commit(&dir, sha).await {
@@ -201,10 +206,11 @@ impl GitCache {
         clone_url: &str,
         number: u64,
         head: &str,
+        token: Option<&str>,
     ) -> Result<(PathBuf, String), String> {
         let merge_ref = format!("refs/pull/{number}/merge");
         let (dir, merge) = self
-            .fetch(clone_url, &merge_ref, None)
+            .fetch(clone_url, &merge_ref, None, token)
             .await
             .map_err(|e| format!("{merge_ref} cannot be fetched: {}", crate::api::chain(&e)))?;
         let parents = self
@@ -298,6 +304,18 @@ impl GitCache {
     /// Runs git in `dir` (its `.git` or a bare repository). `what` names the command in errors,
     /// so that URLs never reach a message.
     async fn git(&self, dir: Option<&Path>, args: &[&str], what: &str) -> Result<String, GitError> {
+        self.git_as(dir, args, what, self.token.as_deref()).await
+    }
+
+    /// [`GitCache::git`] offering `token` to remotes (through a credential helper that reads it
+    /// from the environment: never in argv or a URL).
+    async fn git_as(
+        &self,
+        dir: Option<&Path>,
+        args: &[&str],
+        what: &str,
+        token: Option<&str>,
+    ) -> Result<String, GitError> {
         let mut command = Command::new("git");
         if let Some(dir) = dir {
             command.arg("-C").arg(dir);
@@ -308,7 +326,7 @@ impl GitCache {
             .env("GIT_ASKPASS", "true")
             .env_remove("GIT_DIR")
             .kill_on_drop(true);
-        if let Some(token) = &self.token {
+        if let Some(token) = token {
             command
                 .env("GIT_CONFIG_COUNT", "1")
                 .env("GIT_CONFIG_KEY_0", "credential.helper")

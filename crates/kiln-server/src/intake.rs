@@ -99,6 +99,13 @@ pub(crate) async fn enqueue_trigger(
     trigger: &Trigger,
     delivery: Option<&str>,
 ) -> Result<Vec<RunRecord>, IntakeError> {
+    let token = crate::checks::clone_token(
+        shared,
+        trigger.forge.as_str(),
+        &trigger.repository,
+        &trigger.payload,
+    )
+    .await;
     // A pull request's workflows come from its merge commit, as on GitHub; the run keeps the
     // head commit (`sha`), which its statuses and check runs are reported on.
     let pull = (trigger.event == "pull_request")
@@ -108,7 +115,7 @@ pub(crate) async fn enqueue_trigger(
         (Some(number), Some(head)) => {
             match shared
                 .git
-                .fetch_pull_merge(&trigger.clone_url, number, head)
+                .fetch_pull_merge(&trigger.clone_url, number, head, token.as_deref())
                 .await
             {
                 Ok(found) => Some(found),
@@ -135,6 +142,7 @@ pub(crate) async fn enqueue_trigger(
                     &trigger.clone_url,
                     &trigger.fetch_ref,
                     trigger.sha.as_deref(),
+                    token.as_deref(),
                 )
                 .await?;
             (cache, sha.clone(), sha)

@@ -167,6 +167,8 @@ async fn prepare_and_run(
     cancel: &CancellationToken,
 ) -> Result<Conclusion, String> {
     let spec = &run.spec;
+    let token =
+        crate::checks::clone_token(shared, &spec.forge, &spec.repository, &spec.payload).await;
     // A pull request runs on its merge commit (`GITHUB_SHA`), as on GitHub, when the forge
     // has an up-to-date one; otherwise on its head, saying why in the run's log.
     let pull = (spec.event == "pull_request")
@@ -175,7 +177,7 @@ async fn prepare_and_run(
     let merge = match pull {
         Some(number) => match shared
             .git
-            .fetch_pull_merge(&spec.clone_url, number, &spec.sha)
+            .fetch_pull_merge(&spec.clone_url, number, &spec.sha, token.as_deref())
             .await
         {
             Ok(found) => Some(found),
@@ -205,7 +207,12 @@ async fn prepare_and_run(
             };
             shared
                 .git
-                .fetch(&spec.clone_url, &fetch_ref, Some(&spec.sha))
+                .fetch(
+                    &spec.clone_url,
+                    &fetch_ref,
+                    Some(&spec.sha),
+                    token.as_deref(),
+                )
                 .await
                 .map_err(|e| crate::api::chain(&e))?
         }

@@ -74,6 +74,10 @@ struct FakeGitHubApp {
     check_runs: Arc<Mutex<HashMap<u64, String>>>,
     refused: Arc<AtomicU64>,
     down: Arc<AtomicBool>,
+    /// Bare repositories served over smart HTTP at `/git/...` to installation tokens only.
+    git_root: Arc<Mutex<Option<std::path::PathBuf>>>,
+    /// Git requests: (path and query, whether they carried a valid installation token).
+    git_requests: Arc<Mutex<Vec<(String, bool)>>>,
 }
 
 /// Verifies an App JWT: RS256 signature by the App's key, `iss` the App id, not expired.
@@ -127,6 +131,8 @@ impl FakeGitHubApp {
             check_runs: Arc::default(),
             refused: Arc::default(),
             down: Arc::default(),
+            git_root: Arc::default(),
+            git_requests: Arc::default(),
         };
         async fn access_token(
             State(fake): State<FakeGitHubApp>,
@@ -150,6 +156,110 @@ impl FakeGitHubApp {
                 StatusCode::CREATED,
                 Json(json!({"token": format!("ghs_installation_{n}"), "expires_at": expires})),
             )
+        }
+        /// `git http-backend` as CGI, for requests with `x-access-token:<installation token>`
+        /// Basic credentials; others get the 401 challenge that makes git ask its credential
+        /// helper.
+        async fn git_http(
+            State(fake): State<FakeGitHubApp>,
+            method: axum::http::Method,
+            uri: axum::http::Uri,
+            headers: HeaderMap,
+            body: axum::body::Bytes,
+        ) -> axum::response::Response {
+            use axum::response::IntoResponse;
+            let issued = fake.tokens_issued.load(Ordering::SeqCst);
+            let valid = headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Basic "))
+                .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+                .and_then(|d| String::from_utf8(d).ok())
+                .is_some_and(|pair| {
+                    (1..=issued).any(|n| pair == format!("x-access-token:ghs_installation_{n}"))
+                });
+            let target = uri
+                .path_and_query()
+                .map(|p| p.to_string())
+                .unwrap_or_default();
+            fake.git_requests
+                .lock()
+                .expect("lock")
+                .push((target, valid));
+            if !valid {
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    [("www-authenticate", "Basic realm=\"git\"")],
+                    "",
+                )
+                    .into_response();
+            }
+            let root = fake
+                .git_root
+                .lock()
+                .expect("lock")
+                .clone()
+                .expect("git root");
+            let header = |name: &str| {
+                headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            let mut child = tokio::process::Command::new("git")
+                .arg("http-backend")
+                .env("GIT_PROJECT_ROOT", root)
+                .env("GIT_HTTP_EXPORT_ALL", "1")
+                .env(
+                    "PATH_INFO",
+                    uri.path().strip_prefix("/git").unwrap_or_default(),
+                )
+                .env("REQUEST_METHOD", method.as_str())
+                .env("QUERY_STRING", uri.query().unwrap_or_default())
+                .env("CONTENT_TYPE", header("content-type"))
+                .env("CONTENT_LENGTH", body.len().to_string())
+                .env("HTTP_CONTENT_ENCODING", header("content-encoding"))
+                .env("GIT_PROTOCOL", header("git-protocol"))
+                .env("REMOTE_USER", "x-access-token")
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("git http-backend");
+            {
+                use tokio::io::AsyncWriteExt;
+                let mut stdin = child.stdin.take().expect("stdin");
+                stdin.write_all(&body).await.expect("request body");
+            }
+            let out = child.wait_with_output().await.expect("http-backend output");
+            let split = out
+                .stdout
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .expect("CGI headers");
+            let head = String::from_utf8_lossy(&out.stdout[..split]).into_owned();
+            let mut response = axum::response::Response::new(axum::body::Body::from(
+                out.stdout[split + 4..].to_vec(),
+            ));
+            for line in head.lines() {
+                let Some((name, value)) = line.split_once(": ") else {
+                    continue;
+                };
+                if name.eq_ignore_ascii_case("status") {
+                    let code = value
+                        .split(' ')
+                        .next()
+                        .and_then(|c| c.parse().ok())
+                        .unwrap_or(500);
+                    *response.status_mut() = StatusCode::from_u16(code).expect("status");
+                } else if let (Ok(name), Ok(value)) = (
+                    axum::http::HeaderName::try_from(name),
+                    axum::http::HeaderValue::try_from(value),
+                ) {
+                    response.headers_mut().insert(name, value);
+                }
+            }
+            response
         }
         fn authorized(fake: &FakeGitHubApp, headers: &HeaderMap) -> bool {
             let token = bearer(headers);
@@ -209,6 +319,7 @@ impl FakeGitHubApp {
             )
             .route("/repos/{owner}/{repo}/check-runs", post(create))
             .route("/repos/{owner}/{repo}/check-runs/{id}", patch(update))
+            .route("/git/{*path}", axum::routing::any(git_http))
             .with_state(fake.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -554,5 +665,68 @@ async fn interrupted_jobs_and_early_failures_get_completed_check_runs() {
         .and_then(|r| r.error)
         .expect("an error");
     assert_eq!(body["output"]["summary"], error.as_str());
+    h.stop().await;
+}
+
+/// With only a GitHub App (no `KILN_GITHUB_TOKEN`), kiln fetches with an installation token:
+/// the repository is served over smart HTTP to installation tokens only.
+#[tokio::test]
+async fn with_only_an_app_git_fetches_with_an_installation_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = Repo::new(dir.path(), &[("ci.yml", crate::support::CI_WORKFLOW)]);
+    let sha = repo.commit("private");
+    let (private_key, public_key) = key_files();
+    let (github, api_url) = FakeGitHubApp::start(public_key).await;
+    *github.git_root.lock().expect("lock") = Some(repo.remotes.clone());
+    let h = Harness::start(
+        dir.path(),
+        vec![(
+            "https://github.example/".to_owned(),
+            format!("{api_url}/git/"),
+        )],
+        Options {
+            github_api_url: Some(api_url),
+            github_app: Some((APP_ID.to_owned(), private_key)),
+            github_token: None,
+            ..Options::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        h.signed_webhook("push", "private-1", &push_payload_with_installation(&sha))
+            .await
+            .status(),
+        202
+    );
+    let store = h.store.clone();
+    wait_for("the run to finish", Duration::from_secs(60), || {
+        let store = store.clone();
+        async move {
+            store
+                .list(&kiln_store::RunFilter::default())
+                .await
+                .expect("list")
+                .first()
+                .is_some_and(|r| r.result.is_some())
+        }
+    })
+    .await;
+    let run = &h
+        .store
+        .list(&kiln_store::RunFilter::default())
+        .await
+        .expect("list")[0];
+    assert_eq!(run.result, Some(kiln_store::RunResult::Success), "{run:#?}");
+    let requests = github.git_requests.lock().expect("lock").clone();
+    assert!(
+        requests
+            .iter()
+            .any(|(path, valid)| *valid && path.contains("git-upload-pack")),
+        "an authorized fetch: {requests:#?}"
+    );
+    assert!(
+        requests.iter().any(|(_, valid)| !valid),
+        "git first asked without credentials: {requests:#?}"
+    );
     h.stop().await;
 }

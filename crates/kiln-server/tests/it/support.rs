@@ -197,6 +197,8 @@ pub struct Options {
     pub requeue: bool,
     /// A GitHub App (id, PEM private key): check runs instead of statuses.
     pub github_app: Option<(String, String)>,
+    /// `KILN_GITHUB_TOKEN` (default: a test token).
+    pub github_token: Option<String>,
 }
 
 impl Default for Options {
@@ -209,6 +211,7 @@ impl Default for Options {
             gitea_api_url: None,
             requeue: false,
             github_app: None,
+            github_token: Some(GITHUB_TOKEN.into()),
         }
     }
 }
@@ -242,7 +245,7 @@ impl Harness {
         config.secrets = Secrets {
             github_webhook: Some(WEBHOOK_SECRET.into()),
             gitea_webhook: Some(WEBHOOK_SECRET.into()),
-            github_token: Some(GITHUB_TOKEN.into()),
+            github_token: options.github_token,
             gitea_token: Some(GITEA_TOKEN.into()),
             api_token: Some(API_TOKEN.into()),
             github_app_id: options.github_app.as_ref().map(|(id, _)| id.clone()),
