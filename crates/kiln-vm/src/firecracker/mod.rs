@@ -1096,6 +1096,17 @@ impl Vm for FirecrackerVm {
         }
     }
 
+    async fn exec_pty(&self, mut request: crate::PtyRequest) -> Result<crate::PtySession, VmError> {
+        self.check()?;
+        if request.cwd.is_none() {
+            request.cwd = Some(WORK_ROOT.to_owned());
+        }
+        match self.client.exec_pty(request).await {
+            Ok(session) => Ok(session),
+            Err(e) => Err(self.explain(e).await),
+        }
+    }
+
     async fn kill_all(&self) -> Result<(), VmError> {
         self.check()?;
         match self.client.kill_all().await {
