@@ -47,9 +47,18 @@ pub async fn debug(file: &FileConfig, args: DebugArgs) -> Result<u8, Exit> {
         allocation.elapsed.as_millis(),
         record.cwd
     );
-    let result = tokio::select! {
-        r = session(&vm, record, &args.command) => r,
-        _ = tokio::signal::ctrl_c() => Ok(exit::CANCELLED),
+    let result = if args.command.is_empty() {
+        // Ctrl-C belongs to the guest's shell (`terminal::attach` forwards it); `exit` ends it.
+        eprintln!(
+            "Shell in VM {}; `exit` ends it and releases the VM.",
+            vm.id()
+        );
+        session(&vm, record, &args.command).await
+    } else {
+        tokio::select! {
+            r = session(&vm, record, &args.command) => r,
+            _ = tokio::signal::ctrl_c() => Ok(exit::CANCELLED),
+        }
     };
     if let Err(e) = provider.release(&*vm).await {
         eprintln!("warning: releasing VM {} failed: {e}", vm.id());
