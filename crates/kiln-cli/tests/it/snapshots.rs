@@ -260,9 +260,18 @@ fn a_failed_run_is_debugged_and_resumed_from_its_snapshots_on_real_vms() {
         text(&out.stderr)
     );
 
-    // 4. With the failing step fixed, the rerun goes on from the last good snapshot.
-    env.write("ci.yml", FIXED);
+    // 4. A rerun whose step still fails can itself be rerun: it keeps the snapshot it came
+    // from as its own last good one. With the failing step fixed, the rerun goes on from there.
+    env.write(
+        "ci.yml",
+        &FAILING.replace("test -f fixed", "echo try-again; test -f fixed"),
+    );
     let out = env.kiln(&["rerun", &run, "--from-failed", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let failed_again = events(&out)[0]["run"].as_str().expect("id").to_owned();
+    assert!(log_lines(&events(&out)).contains(&"try-again".to_owned()));
+    env.write("ci.yml", FIXED);
+    let out = env.kiln(&["rerun", &failed_again, "--from-failed", "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let second = events(&out);
     let rerun = second[0]["run"].as_str().expect("rerun id").to_owned();
@@ -300,16 +309,18 @@ fn a_failed_run_is_debugged_and_resumed_from_its_snapshots_on_real_vms() {
     let out = env.kiln(&["runs", "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let runs = events(&out);
-    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert_eq!(runs.len(), 3, "{runs:?}");
     assert_eq!(runs[0]["id"], rerun.as_str());
     assert_eq!(runs[0]["result"], "success");
-    assert_eq!(runs[0]["rerun_of"], run.as_str());
-    assert_eq!(runs[1]["id"], run.as_str());
-    assert_eq!(runs[1]["result"], "failure");
-    assert_eq!(runs[1]["backend"], "qemu");
-    assert_eq!(runs[1]["workflow"], "snap");
-    assert_eq!(runs[1]["event"], "push");
-    assert!(runs[1]["duration_ms"].as_u64().is_some_and(|d| d > 0));
+    assert_eq!(runs[0]["rerun_of"], failed_again.as_str());
+    assert_eq!(runs[1]["id"], failed_again.as_str());
+    assert_eq!(runs[1]["rerun_of"], run.as_str());
+    assert_eq!(runs[2]["id"], run.as_str());
+    assert_eq!(runs[2]["result"], "failure");
+    assert_eq!(runs[2]["backend"], "qemu");
+    assert_eq!(runs[2]["workflow"], "snap");
+    assert_eq!(runs[2]["event"], "push");
+    assert!(runs[2]["duration_ms"].as_u64().is_some_and(|d| d > 0));
     let out = env.kiln(&["runs"]);
     let table = text(&out.stdout);
     assert!(table.starts_with("RUN "), "{table}");
