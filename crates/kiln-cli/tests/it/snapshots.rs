@@ -433,3 +433,33 @@ fn a_backend_without_live_snapshots_is_refused_up_front() {
         );
     }
 }
+
+#[test]
+fn a_run_database_that_cannot_be_opened_costs_the_run_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    // A directory where the database file should be.
+    std::fs::create_dir_all(data.join("kiln.db")).expect("mkdir");
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(&repo).expect("mkdir");
+    std::fs::write(
+        repo.join("ok.yml"),
+        "on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo fine\n",
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["run", "--backend", "local", "ok.yml"])
+        .current_dir(&repo)
+        .env("KILN_RUNTIME_DIR", dir.path().join("runtime"))
+        .env("KILN_DATA_DIR", &data)
+        .stdin(Stdio::null())
+        .output()
+        .expect("kiln runs");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("warning: the run will not be recorded: cannot open the run database"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("fine"), "{stderr}");
+}
