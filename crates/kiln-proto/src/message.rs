@@ -228,7 +228,8 @@ pub struct ExecSpec {
     pub id: RequestId,
     /// What to run.
     pub command: ExecCommand,
-    /// Variables set on top of the agent's base environment (`PATH`, `HOME`).
+    /// Variables set on top of the agent's base environment: `PATH`, and the `HOME`, `USER`
+    /// and `LOGNAME` of [`ExecSpec::user`].
     pub env: Vec<(String, String)>,
     /// Working directory; the agent's default (`HOME`, else `/`) when unset.
     pub cwd: Option<String>,
