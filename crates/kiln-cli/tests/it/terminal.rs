@@ -119,8 +119,12 @@ async fn a_terminal_is_raw_while_attached_follows_resizes_passes_ctrl_c_and_is_r
         output,
         terminal: Some(terminal.try_clone().expect("dup")),
     };
+    // The last part polls with the `read` builtin (traps run between its timeouts), never waiting
+    // for a child: bash ignores a SIGINT that arrives while it waits for a child that then
+    // exits normally.
     let script = "stty size; echo ready; read -r x; echo got:$x; \
-        trap 'echo winch:$(stty size)' WINCH; echo looping; while :; do sleep 0.1; done";
+        trap 'echo winch:$(stty size)' WINCH; echo looping; \
+        while :; do read -r -t 0.2 line; [ \"$line\" = go ] && { echo going; exec sleep 100; }; done";
     let attached = {
         let vm = vm.clone();
         tokio::spawn(
@@ -143,6 +147,8 @@ async fn a_terminal_is_raw_while_attached_follows_resizes_passes_ctrl_c_and_is_r
     rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::WINCH)
         .expect("raises SIGWINCH");
     user.sees("winch:50 120").await;
+    user.types(b"go\r");
+    user.sees("going").await;
     // Ctrl-C is a byte in raw mode; the guest's terminal turns it into SIGINT.
     user.types(b"\x03");
     let code = tokio::time::timeout(PATIENCE, attached)
