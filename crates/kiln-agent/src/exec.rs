@@ -145,9 +145,13 @@ async fn run_inner(
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .process_group(0);
+            let in_child = move || {
+                default_signals();
+                become_user()
+            };
             // SAFETY: the closure only makes async-signal-safe system calls (see
-            // `Identity::pre_exec`).
-            unsafe { command.pre_exec(become_user) };
+            // `Identity::pre_exec` and `default_signals`).
+            unsafe { command.pre_exec(in_child) };
             None
         }
         Some(size) => {
@@ -162,6 +166,7 @@ async fn run_inner(
                 .stdout(Stdio::from(dup(&slave)?))
                 .stderr(Stdio::from(slave));
             let in_child = move || {
+                default_signals();
                 rustix::process::setsid()?;
                 // SAFETY: fd 0 is the terminal std has just installed; it stays open until
                 // `exec`.
@@ -259,6 +264,25 @@ async fn run_inner(
         task.abort();
     }
     status
+}
+
+/// Gives the signals a command may be stopped or interrupted by their default actions: an agent
+/// started in the background (or under `nohup`) inherits them ignored, and its commands would
+/// then be deaf to Ctrl-C and to kills by SIGINT/SIGTERM. Only `sigaction` calls:
+/// async-signal-safe, for the child between `fork` and `exec`.
+fn default_signals() {
+    for signal in [
+        libc::SIGINT,
+        libc::SIGQUIT,
+        libc::SIGHUP,
+        libc::SIGTERM,
+        libc::SIGTSTP,
+        libc::SIGTTIN,
+        libc::SIGTTOU,
+    ] {
+        // SAFETY: setting a default disposition installs no handler and touches no memory.
+        unsafe { libc::signal(signal, libc::SIG_DFL) };
+    }
 }
 
 /// A new pseudo-terminal of `size`: the master (non-blocking, for the agent) and the slave

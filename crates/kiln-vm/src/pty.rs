@@ -45,10 +45,29 @@ pub(crate) fn set_size(fd: impl AsFd, size: WindowSize) -> io::Result<()> {
 /// What the child does between `fork` and `exec`: lead a new session whose controlling
 /// terminal is its stdin. Only async-signal-safe system calls.
 pub(crate) fn become_session_leader() -> io::Result<()> {
+    default_signals();
     rustix::process::setsid()?;
     // SAFETY: fd 0 is the terminal std has just installed; it stays open until `exec`.
     let stdin = unsafe { BorrowedFd::borrow_raw(0) };
     Ok(rustix::process::ioctl_tiocsctty(stdin)?)
+}
+
+/// Gives the terminal's job-control signals their default actions: a command started from a
+/// shell's background job (or under `nohup`) inherits them ignored, and then neither a typed
+/// Ctrl-C nor a forwarded SIGINT would reach it. Only `sigaction` calls: async-signal-safe.
+pub(crate) fn default_signals() {
+    for signal in [
+        libc::SIGINT,
+        libc::SIGQUIT,
+        libc::SIGHUP,
+        libc::SIGTERM,
+        libc::SIGTSTP,
+        libc::SIGTTIN,
+        libc::SIGTTOU,
+    ] {
+        // SAFETY: setting a default disposition installs no handler and touches no memory.
+        unsafe { libc::signal(signal, libc::SIG_DFL) };
+    }
 }
 
 /// The master side, for async reads and writes.
