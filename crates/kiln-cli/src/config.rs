@@ -217,6 +217,15 @@ impl FileConfig {
         vm_config(self, None)
     }
 
+    /// `[runner] snapshot_keep` and `snapshot_max_mib` (defaults: 3 snapshots, 8192 MiB).
+    pub fn snapshot_limits(&self) -> anyhow::Result<(usize, u64)> {
+        let keep = self.runner.snapshot_keep.unwrap_or(3);
+        if keep == 0 {
+            bail!("[runner] snapshot_keep must be at least 1");
+        }
+        Ok((keep, self.runner.snapshot_max_mib.unwrap_or(8192)))
+    }
+
     /// The `[server]` section.
     pub fn server(&self) -> &ServerSection {
         &self.server
@@ -305,13 +314,7 @@ impl Settings {
         }
         let step_snapshots = match pick(&args.snapshots, &runner.snapshots, "off").as_str() {
             "off" => None,
-            "steps" => {
-                let keep = runner.snapshot_keep.unwrap_or(3);
-                if keep == 0 {
-                    bail!("[runner] snapshot_keep must be at least 1");
-                }
-                Some((keep, runner.snapshot_max_mib.unwrap_or(8192)))
-            }
+            "steps" => Some(file.snapshot_limits()?),
             other => bail!("--snapshots: unknown value `{other}` (expected off or steps)"),
         };
         let vms = vm_config(file, args.image.as_deref())?;

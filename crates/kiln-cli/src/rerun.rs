@@ -13,6 +13,7 @@
 //! come from the run database.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::anyhow;
@@ -59,9 +60,16 @@ pub async fn rerun(file: &FileConfig, args: RerunArgs) -> Result<u8, Exit> {
     let (workflow, plan) = plan(&manifest)?;
     let context = context(file, &dirs, &manifest, &args).await?;
     let provider = crate::debug::provider_for(file, &dirs, &manifest).await?;
+    // The same quotas and time limit as `kiln run` (`[vm_types.*]`, `[workflows."PATH"]`, with
+    // PATH relative to the directory the rerun runs in, as for `kiln run`).
+    let (keep, max_mib) = file.snapshot_limits().map_err(usage)?;
+    let vm_config = file.vm_config().map_err(usage)?;
+    let root = std::env::current_dir().unwrap_or_else(|_| ".".into());
+    let vm_types =
+        vm_config.for_workflow(&crate::run::workflow_key(&root, &manifest.workflow_file));
     let sessions = SessionManager::new(provider.clone(), SessionConfig::default());
-    let executor =
-        WorkflowExecutor::new(sessions.clone()).with_snapshots(snapshot_config(&dirs, 3, 8192));
+    let executor = WorkflowExecutor::new(sessions.clone())
+        .with_snapshots(snapshot_config(&dirs, keep, max_mib));
 
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
     let (recorder, recording) =
@@ -94,7 +102,7 @@ pub async fn rerun(file: &FileConfig, args: RerunArgs) -> Result<u8, Exit> {
         run_id: run_id.clone(),
         isolation: Isolation::Workflow,
         spec: (&manifest.spec).into(),
-        vm_types: None,
+        vm_types: Some(Arc::new(vm_types)),
         context,
         only_jobs: Vec::new(),
         matrix_filter: Vec::new(),

@@ -364,7 +364,7 @@ fn workspace_root(args: &RunArgs) -> Result<std::path::PathBuf, Exit> {
 
 /// A workflow file's `[workflows."PATH"]` key: its path relative to the repository root (as
 /// given when it is outside it).
-fn workflow_key(root: &std::path::Path, file: &std::path::Path) -> String {
+pub(crate) fn workflow_key(root: &std::path::Path, file: &std::path::Path) -> String {
     let absolute = |p: &std::path::Path| {
         std::fs::canonicalize(p)
             .or_else(|_| std::path::absolute(p))
