@@ -1057,6 +1057,14 @@ impl QemuVm {
         }
     }
 
+    /// `result`, its error explained (see `explain`) when the VM has died.
+    async fn checked<T>(&self, result: Result<T, VmError>) -> Result<T, VmError> {
+        match result {
+            Ok(value) => Ok(value),
+            Err(e) => Err(self.explain(e).await),
+        }
+    }
+
     /// Adds QEMU's exit status and the console tail to an error when the VM died.
     async fn explain(&self, error: VmError) -> VmError {
         if self.released.load(Ordering::SeqCst) || matches!(error, VmError::Released { .. }) {
@@ -1104,10 +1112,7 @@ impl Vm for QemuVm {
         if request.cwd.is_none() {
             request.cwd = Some(WORK_ROOT.to_owned());
         }
-        match self.client.exec(request, output).await {
-            Ok(outcome) => Ok(outcome),
-            Err(e) => Err(self.explain(e).await),
-        }
+        self.checked(self.client.exec(request, output).await).await
     }
 
     async fn exec_pty(&self, mut request: PtyRequest) -> Result<PtySession, VmError> {
@@ -1115,50 +1120,33 @@ impl Vm for QemuVm {
         if request.cwd.is_none() {
             request.cwd = Some(WORK_ROOT.to_owned());
         }
-        match self.client.exec_pty(request).await {
-            Ok(session) => Ok(session),
-            Err(e) => Err(self.explain(e).await),
-        }
+        self.checked(self.client.exec_pty(request).await).await
     }
 
     async fn kill_all(&self) -> Result<(), VmError> {
         self.check()?;
-        match self.client.kill_all().await {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.explain(e).await),
-        }
+        self.checked(self.client.kill_all().await).await
     }
 
     async fn copy_in(&self, host: &Path, guest: &str) -> Result<(), VmError> {
         self.check()?;
-        match self.client.copy_in(host, guest).await {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.explain(e).await),
-        }
+        self.checked(self.client.copy_in(host, guest).await).await
     }
 
     async fn copy_out(&self, guest: &str, host: &Path) -> Result<(), VmError> {
         self.check()?;
-        match self.client.copy_out(guest, host).await {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.explain(e).await),
-        }
+        self.checked(self.client.copy_out(guest, host).await).await
     }
 
     async fn write_file(&self, guest: &str, contents: &[u8]) -> Result<(), VmError> {
         self.check()?;
-        match self.client.write_file(guest, contents).await {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.explain(e).await),
-        }
+        self.checked(self.client.write_file(guest, contents).await)
+            .await
     }
 
     async fn read_file(&self, guest: &str) -> Result<Vec<u8>, VmError> {
         self.check()?;
-        match self.client.read_file(guest).await {
-            Ok(data) => Ok(data),
-            Err(e) => Err(self.explain(e).await),
-        }
+        self.checked(self.client.read_file(guest).await).await
     }
 
     async fn release(&self) -> Result<(), VmError> {
@@ -1205,10 +1193,7 @@ impl Vm for QemuVm {
     }
 
     async fn checkpoint(&self, dest: &Path) -> Result<crate::VmSnapshot, VmError> {
-        match self.live_save(dest).await {
-            Ok(snapshot) => Ok(snapshot),
-            Err(e) => Err(self.explain(e).await),
-        }
+        self.checked(self.live_save(dest).await).await
     }
 }
 
